@@ -1,0 +1,52 @@
+"""Entry point: compose the Hydra config, check it, run the chosen task.
+
+    python run.py variant=semantic                 # train one model
+    python run.py task=classifier                  # train the feature classifier
+    python run.py -m loss.beta=1,5 loss.semantic_weight=0,1   # a sweep
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("SEMVAE_ROOT", str(Path(__file__).resolve().parent))
+os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from semvae.checkpoints import CheckpointError  # noqa: E402
+from semvae.config import ConfigError, register_configs, validate  # noqa: E402
+from semvae.data import DataError  # noqa: E402
+from semvae.tasks import TASKS, check_inputs  # noqa: E402
+
+log = logging.getLogger("run")
+register_configs()
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """W&B group of a multirun job: the sweep folder's last two parts (date and time by default)."""
+    return "_".join(Path(sweep_dir).parts[-2:])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    hc = HydraConfig.get()
+    group = sweep_group(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    try:
+        config = validate(OmegaConf.to_object(cfg))
+        check_inputs(config)
+        return TASKS[config.task.name](config, hc.runtime.output_dir, group)
+    except (ConfigError, DataError, CheckpointError) as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

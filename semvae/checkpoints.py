@@ -1,0 +1,99 @@
+"""Checkpoint files: written atomically, read back with errors that name the file.
+
+A training checkpoint (``last.pt``, ``best.pt`` in the run dir) holds the model, the optimiser, the epoch and
+step, every random generator's state and the resolved config, so that a run can continue exactly. An exported
+model (``weights/*.pth``) holds the model and the architecture, metrics and provenance needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export(obj: dict[str, Any], path: str | Path, overwrite: bool) -> Path:
+    """Write a model file for others to load (e.g. ``weights/VAE_epoch50.pth``), never replacing one by accident."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass task.overwrite=true to replace it")
+    return save_atomic(obj, path)
+
+
+def provenance(root: str | Path) -> dict[str, Any]:
+    """The commit that made a file (with a flag for uncommitted changes), and when."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno")),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict; a missing, truncated or corrupt file raises CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a semvae checkpoint (no 'model' entry)")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path, expect: dict[str, Any]) -> nn.Module:
+    """Load ``state['model']`` into ``model`` after checking the stored architecture against ``expect``.
+
+    ``expect`` maps architecture keys (e.g. ``latent_dim``, ``widths``) to the configured values; a mismatch, or
+    tensors of other shapes, raises CheckpointError naming the file and the differing keys.
+    """
+    stored = state.get("architecture", {})
+    differing = {k: (stored[k], v) for k, v in expect.items() if k in stored and list_or_value(stored[k]) != v}
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in differing.items())
+        raise CheckpointError(f"{path} does not match the configured model ({details})")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the configured model: {error}") from None
+    return model
+
+
+def list_or_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value

@@ -1,0 +1,123 @@
+"""Datasets as tensors on the training device, and batches drawn by index.
+
+torchvision's ``MNIST`` / ``FashionMNIST`` classes read (and, where the internet is reachable, download and
+checksum) the canonical files; after that the whole split is a single float tensor in [0, 1] of shape
+(N, 1, 28, 28) on the device, and a training step only indexes into it. No PIL, no per-sample transforms.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be found or read; the message says where it looked and what to do."""
+
+
+@dataclass
+class Split:
+    images: Tensor  # float32 in [0, 1], (N, 1, 28, 28)
+    labels: Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+def _dataset_class(name: str):
+    import torchvision.datasets as tvd
+
+    if name not in DATASETS:
+        raise DataError(f"data.name={name!r}: allowed values: {', '.join(DATASETS)}")
+    return getattr(tvd, DATASETS[name])
+
+
+def _copy_from_mirror(cls, root: Path, mirror: Path) -> None:
+    """Copy the canonical .gz files from ``mirror`` into ``root/<Class>/raw`` so that torchvision finds them."""
+    raw = root / cls.__name__ / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for url, _md5 in cls.resources:
+        filename = url.rsplit("/", 1)[-1]
+        source = mirror / filename
+        if not source.exists():
+            raise DataError(f"data.mirror={str(mirror)!r} lacks {filename}")
+        if not (raw / filename).exists():
+            shutil.copyfile(source, raw / filename)
+
+
+def load_split(name: str, root: str | Path, train: bool, download: bool = True, mirror: str | None = None) -> Split:
+    """Load one split (train or test) as float images in [0, 1] and int64 labels, on the CPU."""
+    cls = _dataset_class(name)
+    root = Path(root)
+    try:
+        dataset = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        if mirror is not None and Path(mirror).is_dir():
+            _copy_from_mirror(cls, root, Path(mirror))
+        if not download and mirror is None:
+            raise DataError(
+                f"{cls.__name__} not found under data.root={str(root)!r} and data.download=false. "
+                f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/ (see README, 'Data')."
+            ) from None
+        try:
+            # download=True verifies the MD5 of the .gz files (copied from the mirror or fetched) before extracting
+            dataset = cls(str(root), train=train, download=True)
+        except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
+            raise DataError(
+                f"{cls.__name__} not found under data.root={str(root)!r} and could not be fetched ({error}). "
+                f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/, or set "
+                "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
+            ) from None
+    images = dataset.data.unsqueeze(1).float().div_(255.0)
+    return Split(images, dataset.targets.long())
+
+
+def train_val_split(split: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Carve a validation split from ``split`` with a fixed seed (the same for every run)."""
+    if not 1 <= val_size < len(split):
+        raise DataError(f"data.val_size={val_size}: must be in [1, {len(split) - 1}] for {len(split)} images")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.subset(order[val_size:]), split.subset(order[:val_size])
+
+
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None, device: torch.device | str, drop_last: bool
+) -> Iterator[Tensor]:
+    """Index tensors on ``device``: shuffled with ``generator`` (a CPU generator) or in order when it is None.
+
+    The permutation is drawn on the CPU and moved once per epoch, so batches are the same on every device.
+    """
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(device, non_blocking=True)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def random_shift(x: Tensor, max_shift: int) -> Tensor:
+    """Translate each image of (B, C, H, W) by its own random offset in [-max_shift, max_shift]^2, zero-filled.
+
+    One gather for the whole batch, offsets drawn on the device (no host sync).
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), device=x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]

@@ -1,0 +1,121 @@
+"""ELBO terms and the semantic variance term of METHOD.md.
+
+``loss = recon + beta * KL + lambda * L_sem``. The three variants differ only in (beta, lambda):
+standard VAE (1, 0), beta-VAE (5, 0), semantic VAE (1, > 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """Bernoulli negative log-likelihood of ``x`` under ``logits``, summed over pixels, mean over the batch."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in closed form, summed over latent dims, mean over the batch."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum() / mu.shape[0]
+
+
+def sample_directions(
+    n: int, dim: int, kind: str, step: float, generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """``n`` latent shifts d_k = step * u_k, shape (n, dim).
+
+    ``kind="random"``: u_k uniform on the unit sphere. ``kind="axis"``: u_k = +-e_j with j and the sign drawn
+    uniformly. ``generator`` lives on the CPU so that a seed gives the same directions on every device.
+    """
+    if kind == "random":
+        u = torch.randn(n, dim, generator=generator)
+        u = u / u.norm(dim=1, keepdim=True)
+    elif kind == "axis":
+        axes = torch.randint(dim, (n,), generator=generator)
+        signs = torch.randint(2, (n,), generator=generator) * 2.0 - 1.0
+        u = F.one_hot(axes, dim).float() * signs[:, None]
+    else:
+        raise ValueError(f"loss.semantic.directions={kind!r}: allowed values: random, axis")
+    return (step * u).to(device, non_blocking=True)
+
+
+def semantic_variance(delta: Tensor, normalize: bool, eps: float = 1e-8) -> Tensor:
+    """Semantic variance of feature changes ``delta`` of shape (K directions, M starting points, F features).
+
+    Raw: ``mean_k mean_f Var_i(delta_ikf)`` with the unbiased variance over the M starting points.
+    Normalised: ``mean_k [sum_f Var_i(delta_ikf) / (sum_f mean_i delta_ikf^2 + eps)]``. Here the variance is the
+    population (1/M) one, so each ratio equals ``1 - |mean_i delta_ik|^2 / mean_i |delta_ik|^2`` and lies in
+    [0, 1]: 0 when direction k changes the features the same way at every starting point, 1 when the changes
+    cancel on average. (With the unbiased variance the ratio could reach M/(M-1).)
+    """
+    if delta.dim() != 3 or delta.shape[1] < 2:
+        raise ValueError(f"delta must be (K, M, F) with M >= 2, got {tuple(delta.shape)}")
+    if not normalize:
+        return delta.var(dim=1, unbiased=True).mean()
+    spread = delta.var(dim=1, unbiased=False).sum(dim=-1)  # (K,)
+    energy = delta.pow(2).mean(dim=1).sum(dim=-1)  # (K,)
+    return (spread / (energy + eps)).mean()
+
+
+def semantic_loss(
+    decode: Callable[[Tensor], Tensor],
+    features: Callable[[Tensor], Tensor],
+    z: Tensor,
+    directions: Tensor,
+    normalize: bool,
+    eps: float = 1e-8,
+    base_logits: Tensor | None = None,
+) -> Tensor:
+    """L_sem for starting points ``z`` (M, L) and shared shifts ``directions`` (K, L).
+
+    All K*M shifted codes go through ``decode`` in one call and, together with the M unshifted images, through
+    ``features`` (phi) in one call. ``base_logits`` (M, 1, 28, 28), when given, are the decoder's logits at ``z``
+    already computed for the reconstruction term; they are reused instead of decoding ``z`` again.
+    """
+    k, (m, dim) = directions.shape[0], z.shape
+    shifted = (z.unsqueeze(0) + directions.unsqueeze(1)).reshape(k * m, dim)
+    if base_logits is None:
+        logits = decode(torch.cat([z, shifted]))
+    else:
+        logits = torch.cat([base_logits, decode(shifted)])
+    phi = features(torch.sigmoid(logits))
+    base, moved = phi[:m], phi[m:].reshape(k, m, -1)
+    return semantic_variance(moved - base.unsqueeze(0), normalize=normalize, eps=eps)
+
+
+def vae_objective(
+    vae,
+    x: Tensor,
+    beta: float,
+    semantic_weight: float,
+    features: Callable[[Tensor], Tensor] | None = None,
+    directions: Tensor | None = None,
+    n_points: int | None = None,
+    normalize: bool = True,
+    eps: float = 1e-8,
+    noise: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The per-batch training loss and its terms: ``loss = recon + beta * kl + semantic_weight * semantic``.
+
+    ``features`` (phi) and ``directions`` (K, L) are needed when ``semantic_weight > 0``; the semantic term uses
+    the first ``n_points`` codes of the batch (all when None) and reuses their decoder pass from the
+    reconstruction term. ``noise`` replaces the reparameterisation noise (for repeatable validation).
+    """
+    mu, logvar = vae.encode(x)
+    eps_z = torch.randn_like(mu) if noise is None else noise
+    z = mu + torch.exp(0.5 * logvar) * eps_z
+    logits = vae.decode(z)
+    recon, kl = bernoulli_nll(logits, x), gaussian_kl(mu, logvar)
+    terms = {"recon": recon, "kl": kl}
+    loss = recon + beta * kl
+    if features is not None and directions is not None:
+        m = z.shape[0] if n_points is None else min(n_points, z.shape[0])
+        semantic = semantic_loss(vae.decode, features, z[:m], directions, normalize, eps, base_logits=logits[:m])
+        terms["semantic"] = semantic
+        loss = loss + semantic_weight * semantic
+    terms["loss"] = loss
+    return terms

@@ -1,0 +1,130 @@
+"""ResNet VAE and ResNet classifier for 1x28x28 images.
+
+Both work at three resolutions (28, 14, 7 pixels) with configurable channel widths and residual blocks per
+resolution. The VAE has no batch normalisation: a decoded image depends on its own latent code only, so shifted
+and unshifted codes can share one batched decoder call without leaking statistics between them. The classifier
+uses batch normalisation and is frozen (eval mode) whenever it serves as the feature extractor phi.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation residual block, conv3x3 -> act -> conv3x3; the last conv starts at zero (identity block)."""
+
+    def __init__(self, channels: int, norm: bool):
+        super().__init__()
+        make_norm = (lambda: nn.BatchNorm2d(channels)) if norm else nn.Identity
+        self.norm1, self.norm2 = make_norm(), make_norm()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=not norm)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+def _stage(channels: int, blocks: int, norm: bool) -> nn.Sequential:
+    return nn.Sequential(*[ResidualBlock(channels, norm) for _ in range(blocks)])
+
+
+class Encoder(nn.Module):
+    """x (B,1,28,28) -> features (B, widths[2]*7*7); residual stages at 28, 14 and 7 pixels."""
+
+    def __init__(self, widths: Sequence[int], blocks: int, norm: bool):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.net = nn.Sequential(
+            nn.Conv2d(1, w0, 3, padding=1),
+            _stage(w0, blocks, norm),
+            nn.Conv2d(w0, w1, 4, stride=2, padding=1),  # 28 -> 14
+            _stage(w1, blocks, norm),
+            nn.Conv2d(w1, w2, 4, stride=2, padding=1),  # 14 -> 7
+            _stage(w2, blocks, norm),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ResNetVAE(nn.Module):
+    """Gaussian encoder q(z|x) = N(mu, diag exp(logvar)) and a mirrored decoder giving Bernoulli logits."""
+
+    def __init__(self, latent_dim: int = 16, widths: Sequence[int] = (32, 64, 128), blocks: int = 1):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.latent_dim = latent_dim
+        self.encoder = Encoder(widths, blocks, norm=False)
+        self.to_posterior = nn.Sequential(nn.SiLU(), nn.Flatten(), nn.Linear(w2 * 7 * 7, 2 * latent_dim))
+        self.from_latent = nn.Linear(latent_dim, w2 * 7 * 7)
+        self.decoder = nn.Sequential(
+            nn.Unflatten(1, (w2, 7, 7)),
+            _stage(w2, blocks, norm=False),
+            nn.SiLU(),
+            nn.ConvTranspose2d(w2, w1, 4, stride=2, padding=1),  # 7 -> 14
+            _stage(w1, blocks, norm=False),
+            nn.SiLU(),
+            nn.ConvTranspose2d(w1, w0, 4, stride=2, padding=1),  # 14 -> 28
+            _stage(w0, blocks, norm=False),
+            nn.SiLU(),
+            nn.Conv2d(w0, 1, 3, padding=1),
+        )
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and log-variance, each (B, L)."""
+        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Bernoulli logits (B, 1, 28, 28); the image is their sigmoid."""
+        return self.decoder(self.from_latent(z))
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns (logits, mu, logvar, z) with z drawn by the reparameterisation trick."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar, z
+
+
+class Classifier(nn.Module):
+    """ResNet digit classifier; ``features`` returns the penultimate features used as phi.
+
+    Inputs are images in [0, 1]; the standardisation is part of the model so that decoded images can be fed as is.
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128), blocks: int = 1, n_classes: int = 10):
+        super().__init__()
+        self.encoder = Encoder(widths, blocks, norm=True)
+        self.head_norm = nn.BatchNorm2d(widths[2])
+        self.head = nn.Linear(widths[2], n_classes)
+        self.feature_dim = widths[2]
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features (B, widths[2]): global average of the last stage's activations."""
+        h = self.encoder((x - MNIST_MEAN) / MNIST_STD)
+        return F.silu(self.head_norm(h)).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradient into the weights; gradients still flow through the model to its inputs."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

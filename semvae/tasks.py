@@ -1,0 +1,229 @@
+"""The jobs ``run.py`` can start: train a VAE, train the classifier. Each takes the typed ``Config``.
+
+``check_inputs`` runs before any work and raises ``ConfigError`` for files that a job would need or overwrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from semvae import checkpoints
+from semvae.config import Config, ConfigError, TaskName
+from semvae.data import Split, load_split, random_shift, train_val_split
+from semvae.losses import sample_directions, vae_objective
+from semvae.models import Classifier, ResNetVAE, freeze
+from semvae.tracking import Tracker
+from semvae.train import FitResult, fit, seed_everything, validate
+
+log = logging.getLogger(__name__)
+
+
+def variant_of(beta: float, semantic_weight: float) -> str:
+    """The variant a loss setting amounts to: vae (1, 0), beta (b, 0), semantic (1, l) or beta-semantic."""
+    if semantic_weight > 0:
+        return "semantic" if beta == 1 else "beta-semantic"
+    return "vae" if beta == 1 else "beta"
+
+
+def as_plain(obj: Any) -> Any:
+    """A dataclass config as plain dicts, lists and scalars (enums by value), for JSON, W&B and checkpoints."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, list | tuple):
+        return [as_plain(v) for v in obj]
+    return obj
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r}: no CUDA device is available here; use auto or cpu")
+    return device
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail before any work on a missing input or an export that would overwrite a file."""
+    if cfg.trainer.resume is not None and not Path(cfg.trainer.resume).is_file():
+        raise ConfigError(f"trainer.resume={cfg.trainer.resume!r}: no such checkpoint")
+    if cfg.task.name == TaskName.train and cfg.loss.semantic_weight > 0 and not Path(cfg.classifier.checkpoint).is_file():
+        raise ConfigError(
+            f"classifier.checkpoint={cfg.classifier.checkpoint!r} does not exist, and the semantic loss "
+            f"(loss.semantic_weight={cfg.loss.semantic_weight}) needs it: train it first with "
+            "`python run.py task=classifier`, or point classifier.checkpoint at one"
+        )
+    if cfg.task.export is not None and Path(cfg.task.export).exists() and not cfg.task.overwrite:
+        raise ConfigError(f"task.export={cfg.task.export!r} exists; pass task.overwrite=true to replace it")
+
+
+def _setup(cfg: Config) -> torch.device:
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+    return device
+
+
+def _data(cfg: Config, device: torch.device) -> tuple[Split, Split]:
+    d = cfg.data
+    full = load_split(d.name.value, d.root, train=True, download=d.download, mirror=d.mirror)
+    train, val = train_val_split(full, d.val_size, d.split_seed)
+    log.info("%s: %d training and %d validation images on %s", d.name.value, len(train), len(val), device)
+    return train.to(device), val.to(device)
+
+
+def _tracker(cfg: Config, run_dir: Path, job_type: str, group: str | None, extra: dict[str, Any]) -> Tracker:
+    lg = cfg.logger
+    return Tracker(run_dir, config=as_plain(cfg) | extra, mode=lg.mode.value, project=lg.project, name=cfg.name,
+                   group=lg.group or group, job_type=job_type, entity=lg.entity, tags=list(lg.tags),
+                   log_artifacts=lg.log_artifacts)
+
+
+def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    t = cfg.trainer
+    return dict(run_dir=run_dir, tracker=tracker, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                weight_decay=t.weight_decay, log_every=t.log_every, limit_train_batches=t.limit_train_batches,
+                limit_eval_batches=t.limit_eval_batches, progress=t.progress, resume=t.resume)
+
+
+def _finish(cfg: Config, tracker: Tracker, result: FitResult, model_file: dict[str, Any], summary: dict[str, Any],
+            ) -> dict[str, Any]:
+    """Export the final model if asked, log it as an artifact, write the summary and a one-line report."""
+    summary = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 2),
+               "best_epoch": result.best_epoch, **{f"val/{k}": v for k, v in result.val.items()}, **summary}
+    final = tracker.run_dir / "model.pth"
+    checkpoints.save_atomic(model_file | {"summary": summary}, final)
+    if cfg.task.export is not None:
+        checkpoints.export(model_file | {"summary": summary}, cfg.task.export, overwrite=cfg.task.overwrite)
+        summary["export"] = str(cfg.task.export)
+    tracker.update_summary(summary)
+    tracker.log_checkpoint(final, name=cfg.name, metadata={k: v for k, v in summary.items() if k != "export"})
+    log.info("done: %s, %d epochs, %d steps in %.1fs; %s; model: %s%s", cfg.name, result.epochs, result.steps,
+             result.seconds, ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
+             final, f" (exported to {cfg.task.export})" if cfg.task.export else "")
+    return summary
+
+
+def load_classifier(cfg: Config, device: torch.device) -> Classifier:
+    """The frozen feature extractor phi from ``classifier.checkpoint``, checked against ``classifier.*``."""
+    c = cfg.classifier
+    model = Classifier(c.widths, c.blocks)
+    state = checkpoints.load(c.checkpoint)
+    checkpoints.load_weights(model, state, c.checkpoint, {"widths": list(c.widths), "blocks": c.blocks})
+    return freeze(model.to(device))
+
+
+def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
+    """Train one VAE (any variant) and return its summary."""
+    run_dir = Path(run_dir)
+    device = _setup(cfg)
+    train, val = _data(cfg, device)
+    m, loss, sem = cfg.model, cfg.loss, cfg.loss.semantic
+    vae = ResNetVAE(m.latent_dim, m.widths, m.blocks).to(device)
+    phi = load_classifier(cfg, device) if loss.semantic_weight > 0 else None
+    variant = variant_of(loss.beta, loss.semantic_weight)
+
+    direction_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
+        directions = None
+        if phi is not None:
+            directions = sample_directions(sem.n_directions, m.latent_dim, sem.directions.value, sem.step,
+                                           direction_gen, device)
+        return vae_objective(model, x, loss.beta, loss.semantic_weight, phi.features if phi else None,
+                             directions, sem.n_points, sem.normalize, sem.eps)
+
+    # validation sees the same noise and directions every epoch, so its numbers are comparable across epochs
+    val_seed = cfg.seed + 2
+
+    def eval_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(val_seed)
+        noise = torch.randn(x.shape[0], m.latent_dim, generator=g).to(device)
+        directions = None
+        if phi is not None:
+            directions = sample_directions(sem.n_directions, m.latent_dim, sem.directions.value, sem.step, g, device)
+        terms = vae_objective(model, x, loss.beta, loss.semantic_weight, phi.features if phi else None,
+                              directions, sem.n_points, sem.normalize, sem.eps, noise=noise)
+        mu, _ = model.encode(x)
+        terms["neg_elbo"] = terms["recon"] + terms["kl"]
+        terms["mse"] = F.mse_loss(torch.sigmoid(model.decode(mu)), x)
+        return terms
+
+    n_img = cfg.trainer.n_image_samples
+    prior = torch.randn(n_img, m.latent_dim, generator=torch.Generator().manual_seed(val_seed)).to(device)
+    shown = val.images[: max(n_img // 2, 1)]
+
+    def image_fn(model: ResNetVAE) -> dict[str, Tensor]:
+        recon = torch.sigmoid(model.decode(model.encode(shown)[0]))
+        pairs = torch.stack([shown, recon], dim=1).flatten(0, 1)  # original, reconstruction, original, ...
+        return {"images/reconstructions": pairs, "images/prior_samples": torch.sigmoid(model.decode(prior))}
+
+    architecture = {"latent_dim": m.latent_dim, "widths": list(m.widths), "blocks": m.blocks}
+    extra = {"variant": variant, "n_train": len(train), "n_val": len(val)}
+    tracker = _tracker(cfg, run_dir, job_type=variant, group=group, extra=extra)
+    model_file = {"kind": "vae", "architecture": architecture, "config": as_plain(cfg), **extra,
+                  **checkpoints.provenance(cfg.paths.root_dir)}
+    try:
+        result = fit(vae, train, val, step_fn, eval_fn, seed=cfg.seed, generators={"directions": direction_gen},
+                     monitor="loss", image_fn=image_fn, checkpoint_extra={"architecture": architecture,
+                                                                          "config": as_plain(cfg)},
+                     **_fit_kwargs(cfg, run_dir, tracker))
+        summary = _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary
+
+
+def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
+    """Train the feature classifier (``classifier=resnet``) or the held-out judge (``classifier=judge``)."""
+    run_dir = Path(run_dir)
+    c = cfg.classifier
+    seed = c.seed if c.seed is not None else cfg.seed
+    cfg = dataclasses.replace(cfg, seed=seed)
+    device = _setup(cfg)
+    train, val = _data(cfg, device)
+    model = Classifier(c.widths, c.blocks).to(device)
+
+    def step_fn(net: Classifier, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        x = random_shift(x, c.augment_shift) if c.augment_shift else x
+        return {"loss": F.cross_entropy(net(x), y)}
+
+    def eval_fn(net: Classifier, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        logits = net(x)
+        return {"loss": F.cross_entropy(logits, y), "accuracy": (logits.argmax(1) == y).float().mean()}
+
+    architecture = {"widths": list(c.widths), "blocks": c.blocks, "feature_dim": model.feature_dim}
+    extra = {"variant": "classifier", "classifier": c.name, "n_train": len(train), "n_val": len(val)}
+    tracker = _tracker(cfg, run_dir, job_type="classifier", group=group, extra=extra)
+    try:
+        result = fit(model, train, val, step_fn, eval_fn, seed=seed, monitor="accuracy", monitor_mode="max",
+                     checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
+                     **_fit_kwargs(cfg, run_dir, tracker))
+        test = load_split(cfg.data.name.value, cfg.data.root, train=False, download=cfg.data.download,
+                          mirror=cfg.data.mirror).to(device)
+        test_metrics = validate(model, test, eval_fn, cfg.trainer.batch_size, cfg.trainer.limit_eval_batches)
+        extra |= {f"test/{k}": v for k, v in test_metrics.items()}
+        model_file = {"model": model.state_dict(), "kind": "classifier", "architecture": architecture,
+                      "config": as_plain(cfg), **extra, **checkpoints.provenance(cfg.paths.root_dir)}
+        summary = _finish(cfg, tracker, result, model_file, extra)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary
+
+
+TASKS = {TaskName.train: train_vae, TaskName.classifier: train_classifier}

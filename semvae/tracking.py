@@ -1,0 +1,146 @@
+"""Run tracking: Weights & Biases (offline unless told otherwise) plus local files that need no W&B to read.
+
+Every run writes, in its run dir:
+- ``metrics.jsonl``: one JSON object per ``log`` call (``step`` plus the logged scalars);
+- ``summary.json``: the final metrics, rewritten atomically whenever the summary changes;
+- images as PNG beside them.
+W&B gets the same scalars and images, the config, and the final checkpoint as an artifact. A W&B start-up
+failure never stops training: online mode falls back to offline, and offline to local files only, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """One run's logging. ``mode``: "offline" (default), "online" or "disabled" (local files only)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        mode: str = "offline",
+        project: str = "semvae",
+        name: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        entity: str | None = None,
+        tags: list[str] | None = None,
+        log_artifacts: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self.summary: dict[str, Any] = {}
+        self.log_artifacts = log_artifacts
+        self.run = None
+        self.mode = "disabled"
+        if mode != "disabled":
+            self._start_wandb(mode, config, project, name, group, job_type, entity, tags or [])
+
+    def _start_wandb(self, mode, config, project, name, group, job_type, entity, tags) -> None:
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        import wandb
+
+        if mode == "online" and not _has_api_key():
+            log.warning("W&B online mode asked for but no API key is configured; logging offline instead "
+                        "(upload later with `wandb sync %s/wandb/offline-run-*`)", self.run_dir)
+            mode = "offline"
+        kwargs = dict(dir=str(self.run_dir), project=project, name=name, group=group, job_type=job_type,
+                      entity=entity, tags=tags, config=config, reinit="finish_previous",
+                      settings=wandb.Settings(console="off", silent=True, init_timeout=60))
+        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+            try:
+                self.run = wandb.init(mode=attempt, **kwargs)
+                self.mode = attempt
+                return
+            except Exception as error:  # noqa: BLE001 - any W&B failure must leave training running
+                log.warning("W&B failed to start in %s mode (%s: %s)", attempt, type(error).__name__, error)
+        log.warning("W&B is unavailable; this run logs to %s and %s only", self.metrics_path, self.summary_path)
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        """The W&B run folder (``.../wandb/offline-run-*``), or None without W&B."""
+        return Path(self.run.dir).parent if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"step": step, **{k: _jsonable(float(v)) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(dict(metrics), step=step)
+
+    def log_images(self, images: dict[str, Tensor], step: int, nrow: int = 8) -> None:
+        """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log it to W&B."""
+        from torchvision.utils import make_grid, save_image
+
+        grids = {key: make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+                 for key, batch in images.items()}
+        for key, grid in grids.items():
+            save_image(grid, self.run_dir / f"{key.replace('/', '_')}.png")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(grid) for key, grid in grids.items()}, step=step)
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        self.summary.update({k: _jsonable(v) for k, v in values.items()})
+        write_json_atomic(self.summary, self.summary_path)
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def log_checkpoint(self, path: str | Path, name: str, metadata: dict[str, Any]) -> None:
+        if self.run is None or not self.log_artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name=_artifact_name(name), type="model", metadata=metadata)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def _artifact_name(name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "model"

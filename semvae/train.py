@@ -1,0 +1,218 @@
+"""One training loop for the VAE and the classifier: Adam, per-epoch validation, checkpoints, resume.
+
+The loop reads losses back to the host only every ``log_every`` steps (running sums stay on the device), so a
+step never waits for the accelerator. After each epoch it validates, writes ``last.pt`` (and ``best.pt`` when the
+monitored validation metric improves) atomically, and logs. ``resume`` continues from such a checkpoint with
+the same model, optimiser and random-generator states, so a resumed CPU run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from semvae import checkpoints
+from semvae.data import Split, batch_indices
+from semvae.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]  # (model, x, y) -> {"loss": ..., term: ...}
+ImageFn = Callable[[nn.Module], dict[str, Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the step and the terms."""
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    steps: int
+    seconds: float
+    val: dict[str, float]
+    best_epoch: int
+    best_value: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "generators": {k: g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    for key, g in generators.items():
+        g.set_state(state["generators"][key])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def validate(model: nn.Module, split: Split, eval_fn: StepFn, batch_size: int, limit: int | None) -> dict[str, float]:
+    """Mean of each term of ``eval_fn`` over the split (weighted by batch size); one host read at the end."""
+    model.eval()
+    totals: dict[str, Tensor] = {}
+    count = 0
+    for i, index in enumerate(batch_indices(len(split), batch_size, None, split.images.device, drop_last=False)):
+        if limit is not None and i >= limit:
+            break
+        terms = eval_fn(model, split.images[index], split.labels[index])
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + value.detach() * index.numel()
+        count += index.numel()
+    model.train()
+    keys = list(totals)
+    values = torch.stack([totals[k] for k in keys]).div(count).tolist() if keys else []
+    return dict(zip(keys, values))
+
+
+def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
+    if not all(math.isfinite(v) for v in terms.values()):
+        listed = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): {listed}")
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    step_fn: StepFn,
+    eval_fn: StepFn,
+    *,
+    run_dir: str | Path,
+    tracker: Tracker,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    generators: dict[str, torch.Generator] | None = None,
+    monitor: str = "loss",
+    monitor_mode: str = "min",
+    log_every: int = 50,
+    limit_train_batches: int | None = None,
+    limit_eval_batches: int | None = None,
+    progress: bool = True,
+    resume: str | Path | None = None,
+    image_fn: ImageFn | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` with Adam on ``train`` (a Split on the training device) and validate on ``val`` each epoch.
+
+    ``step_fn`` returns the loss terms of one batch, "loss" being the one minimised; ``eval_fn`` the validation
+    terms (under no_grad). ``generators`` are extra CPU generators the step functions draw from (e.g. the
+    semantic directions); their states are checkpointed with the batch order's. ``checkpoint_extra`` (config,
+    architecture, ...) is stored in every checkpoint.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    generators = dict(generators or {})
+    generators["batches"] = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sign = 1.0 if monitor_mode == "min" else -1.0
+    start_epoch, step, best_value, best_epoch, history = 0, 0, math.inf, 0, []
+    val_metrics: dict[str, float] = {}
+
+    if resume is not None:
+        state = checkpoints.load(resume, map_location=train.images.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generators)
+        start_epoch, step = state["epoch"], state["step"]
+        best_value, best_epoch, history = state["best_value"], state["best_epoch"], state["history"]
+        val_metrics = state.get("val", {})
+        log.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
+
+    n_batches = len(train) // batch_size
+    if limit_train_batches is not None:
+        n_batches = min(n_batches, limit_train_batches)
+    if n_batches == 0:
+        raise ValueError(f"trainer.batch_size={batch_size} exceeds the {len(train)} training images")
+
+    paths = {"last": run_dir / "last.pt", "best": run_dir / "best.pt"}
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        running: Tensor | None = None
+        keys: list[str] = []
+        since_log, epoch_sum, epoch_steps = 0, None, 0
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        batches = batch_indices(len(train), batch_size, generators["batches"], train.images.device, drop_last=True)
+        for i, index in enumerate(batches):
+            if i >= n_batches:
+                break
+            terms = step_fn(model, train.images[index], train.labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step += 1
+            epoch_steps += 1
+            since_log += 1
+            if running is None:
+                keys = list(terms)
+            values = torch.stack([terms[k].detach().float() for k in keys])
+            running = values if running is None else running + values
+            bar.update(1)
+            if since_log == log_every or i == n_batches - 1:
+                means = dict(zip(keys, (running / since_log).tolist()))  # the only host read of the step losses
+                _check_finite(means, step, epoch)
+                tracker.log({f"train/{k}": v for k, v in means.items()} | {"epoch": epoch}, step=step)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+                epoch_sum = running if epoch_sum is None else epoch_sum + running
+                running, since_log = None, 0
+        bar.close()
+
+        val_metrics = validate(model, val, eval_fn, batch_size, limit_eval_batches)
+        _check_finite(val_metrics, step, epoch)
+        train_means = dict(zip(keys, (epoch_sum / epoch_steps).tolist())) if epoch_sum is not None else {}
+        record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_means.items()},
+                  **{f"val/{k}": v for k, v in val_metrics.items()}}
+        history.append(record)
+        tracker.log({k: v for k, v in record.items()}, step=step)
+        if image_fn is not None:
+            model.eval()
+            with torch.no_grad():
+                tracker.log_images(image_fn(model), step=step)
+            model.train()
+
+        value = val_metrics[monitor]
+        improved = sign * value < sign * best_value if math.isfinite(best_value) else True
+        if improved:
+            best_value, best_epoch = value, epoch
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                 "rng": rng_state(generators), "best_value": best_value, "best_epoch": best_epoch,
+                 "history": history, "val": val_metrics, **(checkpoint_extra or {})}
+        checkpoints.save_atomic(state, paths["last"])
+        if improved:
+            checkpoints.save_atomic(state, paths["best"])
+        log.info("epoch %d/%d  %s", epoch, epochs,
+                 "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+
+    seconds = time.perf_counter() - started
+    return FitResult(epochs=epochs, steps=step, seconds=seconds, val=val_metrics, best_epoch=best_epoch,
+                     best_value=best_value, history=history, last_checkpoint=paths["last"],
+                     best_checkpoint=paths["best"] if paths["best"].exists() else None)

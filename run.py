@@ -1,8 +1,8 @@
 """Entry point: compose the Hydra config, check it, run the chosen task.
 
-    python run.py variant=semantic                 # train one model
-    python run.py task=classifier                  # train the feature classifier
-    python run.py -m loss.beta=1,5 loss.semantic_weight=0,1   # a sweep
+python run.py variant=semantic                 # train one model
+python run.py task=classifier                  # train the feature classifier
+python run.py -m loss.beta=1,5 loss.semantic_weight=0,1   # a sweep
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from semvae.checkpoints import CheckpointError  # noqa: E402
-from semvae.config import ConfigError, register_configs, validate  # noqa: E402
+from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
 from semvae.data import DataError  # noqa: E402
 from semvae.tasks import TASKS, check_inputs  # noqa: E402
 
@@ -48,5 +48,24 @@ def main(cfg: DictConfig) -> dict | None:
         raise SystemExit(2) from None
 
 
+def check_override_keys(args: list[str]) -> None:
+    """Reject a misspelt key before Hydra starts, listing the keys allowed where it went wrong."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = tuple(p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()) + ("hydra",)
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report
+        return
+    for override in overrides:
+        if override.is_add() or override.is_delete() or override.package is not None:
+            continue
+        message = unknown_key_message(override.key_or_group, groups)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2)
+
+
 if __name__ == "__main__":
+    check_override_keys(sys.argv[1:])
     main()

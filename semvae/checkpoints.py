@@ -52,6 +52,7 @@ def export(obj: dict[str, Any], path: str | Path, overwrite: bool) -> Path:
 
 def provenance(root: str | Path) -> dict[str, Any]:
     """The commit that made a file (with a flag for uncommitted changes), and when."""
+
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
@@ -59,8 +60,11 @@ def provenance(root: str | Path) -> dict[str, Any]:
             return ""
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno")),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "-uno")),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

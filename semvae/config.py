@@ -9,6 +9,7 @@ Nothing here imports Hydra at module level except ``register_configs``; the libr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -31,6 +32,11 @@ class Directions(str, Enum):
 class TaskName(str, Enum):
     train = "train"  # train a VAE
     classifier = "classifier"  # train the feature classifier (or the held-out judge)
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"  # per step, from trainer.lr down to 0 at the last step
 
 
 class LoggerMode(str, Enum):
@@ -91,6 +97,7 @@ class TrainerConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: LrSchedule = LrSchedule.constant
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 50  # optimiser steps between reads of the running losses (the only host syncs)
@@ -146,6 +153,38 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+
+
+def unknown_key_message(key: str, groups: tuple[str, ...] = ()) -> str | None:
+    """None if the dotted ``key`` exists in the schema (or is a config group), else a message that lists the keys
+    allowed where it went wrong and the closest match.
+
+    Hydra rejects such a key too, but without saying which keys exist; run.py calls this first.
+    """
+    import difflib
+
+    node: Any = Config
+    parts = key.split(".")
+    if parts[0] == "hydra" or key.split("/")[0] in groups and "." not in key:
+        return None  # Hydra's own settings, or a group choice such as variant=semantic or hydra/launcher=...
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return None  # below a leaf (e.g. a list index): leave it to OmegaConf
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            allowed = sorted(set(fields) | (set(groups) if depth == 0 else set()))
+            close = difflib.get_close_matches(part, allowed, n=1)
+            hint = f"; did you mean '{'.'.join([*parts[:depth], close[0]])}'?" if close else ""
+            return f"unknown config key '{key}': allowed keys at {where}: {', '.join(allowed)}{hint}"
+        node = _field_type(node, fields[part])
+    return None
+
+
+def _field_type(owner: type, f: dataclasses.Field) -> Any:
+    import typing
+
+    return typing.get_type_hints(owner).get(f.name)
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:

@@ -57,7 +57,11 @@ def check_inputs(cfg: Config) -> None:
     """Fail before any work on a missing input or an export that would overwrite a file."""
     if cfg.trainer.resume is not None and not Path(cfg.trainer.resume).is_file():
         raise ConfigError(f"trainer.resume={cfg.trainer.resume!r}: no such checkpoint")
-    if cfg.task.name == TaskName.train and cfg.loss.semantic_weight > 0 and not Path(cfg.classifier.checkpoint).is_file():
+    if (
+        cfg.task.name == TaskName.train
+        and cfg.loss.semantic_weight > 0
+        and not Path(cfg.classifier.checkpoint).is_file()
+    ):
         raise ConfigError(
             f"classifier.checkpoint={cfg.classifier.checkpoint!r} does not exist, and the semantic loss "
             f"(loss.semantic_weight={cfg.loss.semantic_weight}) needs it: train it first with "
@@ -85,23 +89,54 @@ def _data(cfg: Config, device: torch.device) -> tuple[Split, Split]:
 
 def _tracker(cfg: Config, run_dir: Path, job_type: str, group: str | None, extra: dict[str, Any]) -> Tracker:
     lg = cfg.logger
-    return Tracker(run_dir, config=as_plain(cfg) | extra, mode=lg.mode.value, project=lg.project, name=cfg.name,
-                   group=lg.group or group, job_type=job_type, entity=lg.entity, tags=list(lg.tags),
-                   log_artifacts=lg.log_artifacts)
+    return Tracker(
+        run_dir,
+        config=as_plain(cfg) | extra,
+        mode=lg.mode.value,
+        project=lg.project,
+        name=cfg.name,
+        group=lg.group or group,
+        job_type=job_type,
+        entity=lg.entity,
+        tags=list(lg.tags),
+        log_artifacts=lg.log_artifacts,
+    )
 
 
 def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     t = cfg.trainer
-    return dict(run_dir=run_dir, tracker=tracker, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                weight_decay=t.weight_decay, log_every=t.log_every, limit_train_batches=t.limit_train_batches,
-                limit_eval_batches=t.limit_eval_batches, progress=t.progress, resume=t.resume)
+    return dict(
+        run_dir=run_dir,
+        tracker=tracker,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        lr_schedule=t.lr_schedule.value,
+        log_every=t.log_every,
+        limit_train_batches=t.limit_train_batches,
+        limit_eval_batches=t.limit_eval_batches,
+        progress=t.progress,
+        resume=t.resume,
+    )
 
 
-def _finish(cfg: Config, tracker: Tracker, result: FitResult, model_file: dict[str, Any], summary: dict[str, Any],
-            ) -> dict[str, Any]:
+def _finish(
+    cfg: Config,
+    tracker: Tracker,
+    result: FitResult,
+    model_file: dict[str, Any],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
     """Export the final model if asked, log it as an artifact, write the summary and a one-line report."""
-    summary = {"epochs": result.epochs, "steps": result.steps, "train_seconds": round(result.seconds, 2),
-               "best_epoch": result.best_epoch, **{f"val/{k}": v for k, v in result.val.items()}, **summary}
+    summary = {
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "best_epoch": result.best_epoch,
+        **{f"val/{k}": v for k, v in result.val.items()},
+        **summary,
+    }
     final = tracker.run_dir / "model.pth"
     checkpoints.save_atomic(model_file | {"summary": summary}, final)
     if cfg.task.export is not None:
@@ -109,9 +144,16 @@ def _finish(cfg: Config, tracker: Tracker, result: FitResult, model_file: dict[s
         summary["export"] = str(cfg.task.export)
     tracker.update_summary(summary)
     tracker.log_checkpoint(final, name=cfg.name, metadata={k: v for k, v in summary.items() if k != "export"})
-    log.info("done: %s, %d epochs, %d steps in %.1fs; %s; model: %s%s", cfg.name, result.epochs, result.steps,
-             result.seconds, ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
-             final, f" (exported to {cfg.task.export})" if cfg.task.export else "")
+    log.info(
+        "done: %s, %d epochs, %d steps in %.1fs; %s; model: %s%s",
+        cfg.name,
+        result.epochs,
+        result.steps,
+        result.seconds,
+        ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
+        final,
+        f" (exported to {cfg.task.export})" if cfg.task.export else "",
+    )
     return summary
 
 
@@ -139,10 +181,20 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
         directions = None
         if phi is not None:
-            directions = sample_directions(sem.n_directions, m.latent_dim, sem.directions.value, sem.step,
-                                           direction_gen, device)
-        return vae_objective(model, x, loss.beta, loss.semantic_weight, phi.features if phi else None,
-                             directions, sem.n_points, sem.normalize, sem.eps)
+            directions = sample_directions(
+                sem.n_directions, m.latent_dim, sem.directions.value, sem.step, direction_gen, device
+            )
+        return vae_objective(
+            model,
+            x,
+            loss.beta,
+            loss.semantic_weight,
+            phi.features if phi else None,
+            directions,
+            sem.n_points,
+            sem.normalize,
+            sem.eps,
+        )
 
     # validation sees the same noise and directions every epoch, so its numbers are comparable across epochs
     val_seed = cfg.seed + 2
@@ -153,8 +205,18 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
         directions = None
         if phi is not None:
             directions = sample_directions(sem.n_directions, m.latent_dim, sem.directions.value, sem.step, g, device)
-        terms = vae_objective(model, x, loss.beta, loss.semantic_weight, phi.features if phi else None,
-                              directions, sem.n_points, sem.normalize, sem.eps, noise=noise)
+        terms = vae_objective(
+            model,
+            x,
+            loss.beta,
+            loss.semantic_weight,
+            phi.features if phi else None,
+            directions,
+            sem.n_points,
+            sem.normalize,
+            sem.eps,
+            noise=noise,
+        )
         mu, _ = model.encode(x)
         terms["neg_elbo"] = terms["recon"] + terms["kl"]
         terms["mse"] = F.mse_loss(torch.sigmoid(model.decode(mu)), x)
@@ -172,13 +234,27 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     architecture = {"latent_dim": m.latent_dim, "widths": list(m.widths), "blocks": m.blocks}
     extra = {"variant": variant, "n_train": len(train), "n_val": len(val)}
     tracker = _tracker(cfg, run_dir, job_type=variant, group=group, extra=extra)
-    model_file = {"kind": "vae", "architecture": architecture, "config": as_plain(cfg), **extra,
-                  **checkpoints.provenance(cfg.paths.root_dir)}
+    model_file = {
+        "kind": "vae",
+        "architecture": architecture,
+        "config": as_plain(cfg),
+        **extra,
+        **checkpoints.provenance(cfg.paths.root_dir),
+    }
     try:
-        result = fit(vae, train, val, step_fn, eval_fn, seed=cfg.seed, generators={"directions": direction_gen},
-                     monitor="loss", image_fn=image_fn, checkpoint_extra={"architecture": architecture,
-                                                                          "config": as_plain(cfg)},
-                     **_fit_kwargs(cfg, run_dir, tracker))
+        result = fit(
+            vae,
+            train,
+            val,
+            step_fn,
+            eval_fn,
+            seed=cfg.seed,
+            generators={"directions": direction_gen},
+            monitor="loss",
+            image_fn=image_fn,
+            checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
+            **_fit_kwargs(cfg, run_dir, tracker),
+        )
         summary = _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
     except BaseException:
         tracker.finish(exit_code=1)
@@ -209,15 +285,31 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
     extra = {"variant": "classifier", "classifier": c.name, "n_train": len(train), "n_val": len(val)}
     tracker = _tracker(cfg, run_dir, job_type="classifier", group=group, extra=extra)
     try:
-        result = fit(model, train, val, step_fn, eval_fn, seed=seed, monitor="accuracy", monitor_mode="max",
-                     checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
-                     **_fit_kwargs(cfg, run_dir, tracker))
-        test = load_split(cfg.data.name.value, cfg.data.root, train=False, download=cfg.data.download,
-                          mirror=cfg.data.mirror).to(device)
+        result = fit(
+            model,
+            train,
+            val,
+            step_fn,
+            eval_fn,
+            seed=seed,
+            monitor="accuracy",
+            monitor_mode="max",
+            checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
+            **_fit_kwargs(cfg, run_dir, tracker),
+        )
+        test = load_split(
+            cfg.data.name.value, cfg.data.root, train=False, download=cfg.data.download, mirror=cfg.data.mirror
+        ).to(device)
         test_metrics = validate(model, test, eval_fn, cfg.trainer.batch_size, cfg.trainer.limit_eval_batches)
         extra |= {f"test/{k}": v for k, v in test_metrics.items()}
-        model_file = {"model": model.state_dict(), "kind": "classifier", "architecture": architecture,
-                      "config": as_plain(cfg), **extra, **checkpoints.provenance(cfg.paths.root_dir)}
+        model_file = {
+            "model": model.state_dict(),
+            "kind": "classifier",
+            "architecture": architecture,
+            "config": as_plain(cfg),
+            **extra,
+            **checkpoints.provenance(cfg.paths.root_dir),
+        }
         summary = _finish(cfg, tracker, result, model_file, extra)
     except BaseException:
         tracker.finish(exit_code=1)

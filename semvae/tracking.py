@@ -1,6 +1,7 @@
 """Run tracking: Weights & Biases (offline unless told otherwise) plus local files that need no W&B to read.
 
 Every run writes, in its run dir:
+- ``config.json``: the resolved config as plain values;
 - ``metrics.jsonl``: one JSON object per ``log`` call (``step`` plus the logged scalars);
 - ``summary.json``: the final metrics, rewritten atomically whenever the summary changes;
 - images as PNG beside them.
@@ -69,6 +70,7 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.summary: dict[str, Any] = {}
+        write_json_atomic(config, self.run_dir / "config.json")
         self.log_artifacts = log_artifacts
         self.run = None
         self.mode = "disabled"
@@ -80,13 +82,25 @@ class Tracker:
         import wandb
 
         if mode == "online" and not _has_api_key():
-            log.warning("W&B online mode asked for but no API key is configured; logging offline instead "
-                        "(upload later with `wandb sync %s/wandb/offline-run-*`)", self.run_dir)
+            log.warning(
+                "W&B online mode asked for but no API key is configured; logging offline instead "
+                "(upload later with `wandb sync %s/wandb/offline-run-*`)",
+                self.run_dir,
+            )
             mode = "offline"
-        kwargs = dict(dir=str(self.run_dir), project=project, name=name, group=group, job_type=job_type,
-                      entity=entity, tags=tags, config=config, reinit="finish_previous",
-                      settings=wandb.Settings(console="off", silent=True, init_timeout=60))
-        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+        kwargs = dict(
+            dir=str(self.run_dir),
+            project=project,
+            name=name,
+            group=group,
+            job_type=job_type,
+            entity=entity,
+            tags=tags,
+            config=config,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True, init_timeout=60),
+        )
+        for attempt in [mode, "offline"] if mode == "online" else [mode]:
             try:
                 self.run = wandb.init(mode=attempt, **kwargs)
                 self.mode = attempt
@@ -111,8 +125,10 @@ class Tracker:
         """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log it to W&B."""
         from torchvision.utils import make_grid, save_image
 
-        grids = {key: make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
-                 for key, batch in images.items()}
+        grids = {
+            key: make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+            for key, batch in images.items()
+        }
         for key, grid in grids.items():
             save_image(grid, self.run_dir / f"{key.replace('/', '_')}.png")
         if self.run is not None:

@@ -54,8 +54,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "generators": {k: g.get_state() for k, g in generators.items()}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -86,7 +89,7 @@ def validate(model: nn.Module, split: Split, eval_fn: StepFn, batch_size: int, l
     model.train()
     keys = list(totals)
     values = torch.stack([totals[k] for k in keys]).div(count).tolist() if keys else []
-    return dict(zip(keys, values))
+    return dict(zip(keys, values, strict=True))
 
 
 def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
@@ -108,6 +111,7 @@ def fit(
     batch_size: int,
     lr: float,
     weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
     seed: int = 0,
     generators: dict[str, torch.Generator] | None = None,
     monitor: str = "loss",
@@ -132,6 +136,17 @@ def fit(
     generators = dict(generators or {})
     generators["batches"] = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n_batches = len(train) // batch_size
+    if limit_train_batches is not None:
+        n_batches = min(n_batches, limit_train_batches)
+    if n_batches == 0:
+        raise ValueError(f"trainer.batch_size={batch_size} exceeds the {len(train)} training images")
+    if lr_schedule == "cosine":  # per step, from lr down to 0 at the last step
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * n_batches)
+    elif lr_schedule == "constant":
+        scheduler = None
+    else:
+        raise ValueError(f"trainer.lr_schedule={lr_schedule!r}: allowed values: constant, cosine")
     sign = 1.0 if monitor_mode == "min" else -1.0
     start_epoch, step, best_value, best_epoch, history = 0, 0, math.inf, 0, []
     val_metrics: dict[str, float] = {}
@@ -140,17 +155,13 @@ def fit(
         state = checkpoints.load(resume, map_location=train.images.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generators)
         start_epoch, step = state["epoch"], state["step"]
         best_value, best_epoch, history = state["best_value"], state["best_epoch"], state["history"]
         val_metrics = state.get("val", {})
         log.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
-
-    n_batches = len(train) // batch_size
-    if limit_train_batches is not None:
-        n_batches = min(n_batches, limit_train_batches)
-    if n_batches == 0:
-        raise ValueError(f"trainer.batch_size={batch_size} exceeds the {len(train)} training images")
 
     paths = {"last": run_dir / "last.pt", "best": run_dir / "best.pt"}
     started = time.perf_counter()
@@ -159,8 +170,9 @@ def fit(
         running: Tensor | None = None
         keys: list[str] = []
         since_log, epoch_sum, epoch_steps = 0, None, 0
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, dynamic_ncols=True
+        )
         batches = batch_indices(len(train), batch_size, generators["batches"], train.images.device, drop_last=True)
         for i, index in enumerate(batches):
             if i >= n_batches:
@@ -169,6 +181,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             epoch_steps += 1
             since_log += 1
@@ -178,7 +192,8 @@ def fit(
             running = values if running is None else running + values
             bar.update(1)
             if since_log == log_every or i == n_batches - 1:
-                means = dict(zip(keys, (running / since_log).tolist()))  # the only host read of the step losses
+                # the only host read of the step losses
+                means = dict(zip(keys, (running / since_log).tolist(), strict=True))
                 _check_finite(means, step, epoch)
                 tracker.log({f"train/{k}": v for k, v in means.items()} | {"epoch": epoch}, step=step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
@@ -188,9 +203,12 @@ def fit(
 
         val_metrics = validate(model, val, eval_fn, batch_size, limit_eval_batches)
         _check_finite(val_metrics, step, epoch)
-        train_means = dict(zip(keys, (epoch_sum / epoch_steps).tolist())) if epoch_sum is not None else {}
-        record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_means.items()},
-                  **{f"val/{k}": v for k, v in val_metrics.items()}}
+        train_means = dict(zip(keys, (epoch_sum / epoch_steps).tolist(), strict=True)) if epoch_sum is not None else {}
+        record = {
+            "epoch": epoch,
+            **{f"train/{k}": v for k, v in train_means.items()},
+            **{f"val/{k}": v for k, v in val_metrics.items()},
+        }
         history.append(record)
         tracker.log({k: v for k, v in record.items()}, step=step)
         if image_fn is not None:
@@ -203,16 +221,33 @@ def fit(
         improved = sign * value < sign * best_value if math.isfinite(best_value) else True
         if improved:
             best_value, best_epoch = value, epoch
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                 "rng": rng_state(generators), "best_value": best_value, "best_epoch": best_epoch,
-                 "history": history, "val": val_metrics, **(checkpoint_extra or {})}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "step": step,
+            "rng": rng_state(generators),
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "history": history,
+            "val": val_metrics,
+            **(checkpoint_extra or {}),
+        }
         checkpoints.save_atomic(state, paths["last"])
         if improved:
             checkpoints.save_atomic(state, paths["best"])
-        log.info("epoch %d/%d  %s", epoch, epochs,
-                 "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        log.info("epoch %d/%d  %s", epoch, epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
 
     seconds = time.perf_counter() - started
-    return FitResult(epochs=epochs, steps=step, seconds=seconds, val=val_metrics, best_epoch=best_epoch,
-                     best_value=best_value, history=history, last_checkpoint=paths["last"],
-                     best_checkpoint=paths["best"] if paths["best"].exists() else None)
+    return FitResult(
+        epochs=epochs,
+        steps=step,
+        seconds=seconds,
+        val=val_metrics,
+        best_epoch=best_epoch,
+        best_value=best_value,
+        history=history,
+        last_checkpoint=paths["last"],
+        best_checkpoint=paths["best"] if paths["best"].exists() else None,
+    )

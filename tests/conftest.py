@@ -1,0 +1,67 @@
+"""Shared test helpers: where MNIST is, and running the real entry point ``run.py`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SEMVAE_ROOT", str(ROOT))  # as run.py sets it, for configs composed in-process
+
+
+def find_data_dir() -> Path:
+    """SEMVAE_DATA_DIR, else the repo's data/, else the pre-staged ../shared/data beside the checkout."""
+    candidates = [os.environ.get("SEMVAE_DATA_DIR"), ROOT / "data", ROOT.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+            return Path(candidate).resolve()
+    raise RuntimeError("MNIST not found: set SEMVAE_DATA_DIR to a folder holding MNIST/raw/ (see README, 'Data')")
+
+
+DATA_DIR = find_data_dir()
+
+
+def run_py(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """``python run.py OVERRIDES`` with the test data and no W&B network, as a user would type it."""
+    env = os.environ | {
+        "SEMVAE_DATA_DIR": str(DATA_DIR),
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_MODE": "offline",
+        "HYDRA_FULL_ERROR": "0",
+    }
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    """A weights folder holding a smoke-trained classifier (seconds), for the semantic variant's tests."""
+    weights = tmp_path_factory.mktemp("weights")
+    run_dir = tmp_path_factory.mktemp("classifier_run")
+    run_py(
+        "task=classifier", "trainer=smoke", "logger=none", f"paths.weights_dir={weights}", f"hydra.run.dir={run_dir}"
+    )
+    return weights

@@ -1,0 +1,99 @@
+"""Composition of conf/ against the typed schema, and early, named rejection of bad overrides."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from semvae.config import Config, ConfigError, Directions, TaskName, register_configs, validate
+from tests.conftest import ROOT, run_py
+
+register_configs()
+
+
+def compose_config(*overrides: str) -> Config:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return validate(OmegaConf.to_object(cfg))
+
+
+def test_variants_are_presets_over_the_loss():
+    vae, beta, semantic = (compose_config(f"variant={v}") for v in ("vae", "beta", "semantic"))
+    assert (vae.loss.beta, vae.loss.semantic_weight, vae.name) == (1.0, 0.0, "VAE")
+    assert (beta.loss.beta, beta.loss.semantic_weight, beta.name) == (5.0, 0.0, "b5-VAE")
+    assert semantic.loss.beta == 1.0 and semantic.loss.semantic_weight > 0 and semantic.name == "semanticVAE"
+    assert compose_config("variant=beta", "loss.beta=2").loss.beta == 2.0  # command line wins over a preset
+
+
+def test_any_key_is_overridable_and_typed():
+    cfg = compose_config(
+        "model.latent_dim=32",
+        "trainer.epochs=5",
+        "data=fashion_mnist",
+        "logger=none",
+        "seed=3",
+        "loss.semantic.directions=axis",
+        "loss.semantic.n_points=null",
+    )
+    assert cfg.model.latent_dim == 32 and cfg.trainer.epochs == 5 and cfg.seed == 3
+    assert cfg.data.name.value == "fashion_mnist" and cfg.logger.mode.value == "disabled"
+    assert cfg.loss.semantic.directions is Directions.axis and cfg.loss.semantic.n_points is None
+
+
+def test_classifier_task_uses_its_trainer_and_exports_where_the_vae_finds_it():
+    cfg = compose_config("task=classifier")
+    assert cfg.task.name is TaskName.classifier and cfg.trainer.epochs < 50
+    assert cfg.task.export == cfg.classifier.checkpoint == str(ROOT / "weights" / "classifier.pth")
+    judge = compose_config("task=classifier", "classifier=judge")
+    assert judge.task.export.endswith("weights/judge.pth") and judge.classifier.widths != cfg.classifier.widths
+    assert compose_config("task=classifier", "trainer=smoke").trainer.limit_train_batches == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("loss.betta=2", r"Key 'betta' not in 'LossConfig'[\s\S]*full_key: loss.betta"),
+        ("trainer.epochs=many", r"trainer.epochs"),
+        ("loss.semantic.directions=diagonal", r"Invalid value 'diagonal', expected one of \[random, axis\]"),
+        (
+            "variant=semantik",
+            r"Could not find 'variant/semantik'[\s\S]*Available options in 'variant':"
+            r"[\s\S]*beta[\s\S]*semantic[\s\S]*vae",
+        ),
+    ],
+)
+def test_bad_overrides_fail_while_composing_and_name_the_key(override, pattern):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as info:
+        compose_config(override)
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert __import__("re").search(pattern, text), text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.beta=-1", "loss.beta=-1.0: must be >= 0"),
+        ("loss.semantic_weight=-0.5", "loss.semantic_weight=-0.5: must be >= 0"),
+        ("model.widths=[8,16]", "model.widths=[8, 16]: needs 3 entries"),
+        ("trainer.device=tpu", "trainer.device='tpu': allowed values: auto, cpu, cuda, cuda:N"),
+        ("loss.semantic.n_points=1", "loss.semantic.n_points=1: must be >= 2"),
+    ],
+)
+def test_out_of_range_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        compose_config(override)
+    assert message in str(info.value)
+
+
+def test_run_py_rejects_bad_input_before_any_training(tmp_path):
+    proc = run_py("loss.beta=-1", f"hydra.run.dir={tmp_path}/a", check=False)
+    assert proc.returncode != 0 and "loss.beta=-1.0: must be >= 0" in proc.stderr
+    assert not (tmp_path / "a" / "last.pt").exists()
+    proc = run_py("trainer.epochz=3", f"hydra.run.dir={tmp_path}/b", check=False)
+    assert proc.returncode != 0 and "trainer.epochz" in proc.stderr
+    assert not (tmp_path / "b").exists()  # composition failed before Hydra made the run dir
+    # the semantic variant without its classifier says what to do
+    proc = run_py("variant=semantic", f"paths.weights_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/c", check=False)
+    assert proc.returncode == 2
+    assert "classifier.checkpoint" in proc.stderr and "python run.py task=classifier" in proc.stderr

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from semvae.data import DataError, batch_indices, load_split, random_shift, train_val_split
+from tests.conftest import DATA_DIR
+
+
+def test_prestaged_mnist_loads_as_float_tensors():
+    train = load_split("mnist", DATA_DIR, train=True, download=False)
+    test = load_split("mnist", DATA_DIR, train=False, download=False)
+    assert train.images.shape[1:] == (1, 28, 28) and train.images.dtype == torch.float32
+    assert len(test) == 10_000 and len(train) >= 23_797  # 60,000 where the full set was downloaded
+    assert 0.0 == train.images.min().item() and train.images.max().item() == 1.0
+    assert set(train.labels.unique().tolist()) == set(range(10))
+
+
+def test_validation_split_is_fixed_by_its_seed_and_disjoint():
+    full = load_split("mnist", DATA_DIR, train=True, download=False)
+    tr1, va1 = train_val_split(full, 2000, seed=0)
+    tr2, va2 = train_val_split(full, 2000, seed=0)
+    _, va3 = train_val_split(full, 2000, seed=1)
+    assert len(va1) == 2000 and len(tr1) == len(full) - 2000
+    assert torch.equal(va1.images, va2.images) and torch.equal(tr1.labels, tr2.labels)
+    assert not torch.equal(va1.images, va3.images)
+    flat_train = {bytes(x.numpy()) for x in (tr1.images[:500] * 255).to(torch.uint8)}
+    assert not any(bytes(x.numpy()) in flat_train for x in (va1.images * 255).to(torch.uint8))
+
+
+def test_missing_dataset_offline_gives_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"MNIST not found under data.root=.*SEMVAE_DATA_DIR"):
+        load_split("mnist", tmp_path, train=True, download=False)
+    with pytest.raises(DataError, match="allowed values: mnist, fashion_mnist"):
+        load_split("cifar", tmp_path, train=True)
+
+
+def test_batches_cover_every_index_once_and_follow_the_seed():
+    batches = list(batch_indices(103, 10, torch.Generator().manual_seed(0), "cpu", drop_last=True))
+    assert len(batches) == 10 and all(b.numel() == 10 for b in batches)
+    assert torch.cat(batches).unique().numel() == 100
+    again = list(batch_indices(103, 10, torch.Generator().manual_seed(0), "cpu", drop_last=True))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    ordered = torch.cat(list(batch_indices(103, 10, None, "cpu", drop_last=False)))
+    assert torch.equal(ordered, torch.arange(103))
+
+
+def test_random_shift_moves_each_image_within_the_bound():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = 1.0  # one lit pixel in the centre
+    torch.manual_seed(0)
+    shifted = random_shift(x, 2)
+    assert shifted.shape == x.shape
+    assert torch.all(shifted.sum(dim=(1, 2, 3)) == 1.0)  # the pixel is moved, not lost
+    where = shifted[:, 0].flatten(1).argmax(1)
+    rows, cols = where // 28, where % 28
+    assert rows.min() >= 12 and rows.max() <= 16 and cols.min() >= 12 and cols.max() <= 16
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 10  # offsets differ between images

@@ -7,7 +7,9 @@ checksum) the canonical files; after that the whole split is a single float tens
 
 from __future__ import annotations
 
-import shutil
+import gzip
+import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +48,47 @@ def _dataset_class(name: str):
     return getattr(tvd, DATASETS[name])
 
 
-def _copy_from_mirror(cls, root: Path, mirror: Path) -> None:
-    """Copy the canonical .gz files from ``mirror`` into ``root/<Class>/raw`` so that torchvision finds them."""
-    raw = root / cls.__name__ / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for url, _md5 in cls.resources:
-        filename = url.rsplit("/", 1)[-1]
+# SHA-256 of the decompressed files of Debian's `dataset-fashion-mnist` (0.0~git20200523). Debian recompresses
+# the .gz files, so their MD5 differ from the ones torchvision checks; the content is checked against these instead.
+CONTENT_SHA256 = {
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    }
+}
+
+
+def _extract_from_mirror(cls, root: Path, mirror: Path) -> None:
+    """Decompress the canonical .gz files from ``mirror`` into ``root/<Class>/raw``, where torchvision reads them.
+
+    Each file must match torchvision's MD5 of the .gz, or the SHA-256 of its content recorded above; all four are
+    checked before anything is written, so a bad mirror leaves ``root`` untouched.
+    """
+    from torchvision.datasets.utils import check_integrity
+
+    contents = {}
+    for resource, md5 in cls.resources:
+        filename = resource.rsplit("/", 1)[-1]
         source = mirror / filename
         if not source.exists():
             raise DataError(f"data.mirror={str(mirror)!r} lacks {filename}")
-        if not (raw / filename).exists():
-            shutil.copyfile(source, raw / filename)
+        try:
+            content = gzip.decompress(source.read_bytes())
+        except (OSError, EOFError) as error:
+            raise DataError(f"cannot decompress {source}: {error}") from None
+        name = filename.removesuffix(".gz")
+        known = CONTENT_SHA256.get(cls.__name__, {}).get(name)
+        if not check_integrity(str(source), md5) and hashlib.sha256(content).hexdigest() != known:
+            raise DataError(f"checksum mismatch: {source} matches neither torchvision's MD5 {md5} nor a known content")
+        contents[name] = content
+    raw = root / cls.__name__ / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+        tmp = raw / f".{name}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, raw / name)
 
 
 def load_split(name: str, root: str | Path, train: bool, download: bool = True, mirror: str | None = None) -> Split:
@@ -67,14 +99,15 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
         dataset = cls(str(root), train=train, download=False)
     except RuntimeError:
         if mirror is not None and Path(mirror).is_dir():
-            _copy_from_mirror(cls, root, Path(mirror))
-        if not download and mirror is None:
+            _extract_from_mirror(cls, root, Path(mirror))
+            return _as_split(cls(str(root), train=train, download=False))
+        if not download:
             raise DataError(
                 f"{cls.__name__} not found under data.root={str(root)!r} and data.download=false. "
                 f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/ (see README, 'Data')."
             ) from None
         try:
-            # download=True verifies the MD5 of the .gz files (copied from the mirror or fetched) before extracting
+            # torchvision checks the MD5 of what it fetches before extracting it
             dataset = cls(str(root), train=train, download=True)
         except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
             raise DataError(
@@ -82,8 +115,11 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
                 f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/, or set "
                 "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
             ) from None
-    images = dataset.data.unsqueeze(1).float().div_(255.0)
-    return Split(images, dataset.targets.long())
+    return _as_split(dataset)
+
+
+def _as_split(dataset) -> Split:
+    return Split(dataset.data.unsqueeze(1).float().div_(255.0), dataset.targets.long())
 
 
 def train_val_split(split: Split, val_size: int, seed: int) -> tuple[Split, Split]:

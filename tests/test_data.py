@@ -1,3 +1,6 @@
+import gzip
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +57,31 @@ def test_random_shift_moves_each_image_within_the_bound():
     rows, cols = where // 28, where % 28
     assert rows.min() >= 12 and rows.max() <= 16 and cols.min() >= 12 and cols.max() <= 16
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 10  # offsets differ between images
+
+
+FASHION_MIRROR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION_MIRROR.is_dir(), reason="needs Debian's dataset-fashion-mnist (see README, 'Data')")
+def test_fashion_mnist_from_the_debian_mirror(tmp_path):
+    test = load_split("fashion_mnist", tmp_path, train=False, download=True, mirror=str(FASHION_MIRROR))
+    assert len(test) == 10_000 and test.images.shape[1:] == (1, 28, 28)
+    assert (tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    # a second load reads the extracted files without the mirror
+    again = load_split("fashion_mnist", tmp_path, train=False, download=False)
+    assert torch.equal(again.labels, test.labels)
+
+
+def test_mirror_with_a_wrong_checksum_is_refused(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (mirror / f"{name}.gz").write_bytes(gzip.compress(b"not the real file"))
+    with pytest.raises(DataError, match="checksum mismatch: .*train-images-idx3-ubyte.gz"):
+        load_split("fashion_mnist", tmp_path / "root", train=True, download=True, mirror=str(mirror))
+    assert not (tmp_path / "root" / "FashionMNIST").exists()  # nothing half-copied

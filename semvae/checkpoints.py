@@ -101,3 +101,29 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path, expe
 
 def list_or_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", expect: dict[str, Any] | None = None):
+    """A ResNetVAE rebuilt from a model file's stored architecture (checked against ``expect`` when given)."""
+    from semvae.models import ResNetVAE
+
+    state = load(path)
+    arch = state.get("architecture")
+    if state.get("kind") != "vae" or not arch:
+        raise CheckpointError(f"{path} is not a VAE model file (kind={state.get('kind')!r})")
+    model = ResNetVAE(arch["latent_dim"], arch["widths"], arch["blocks"])
+    load_weights(model, state, path, expect or {})
+    return model.to(device).eval(), state
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu", expect: dict[str, Any] | None = None):
+    """A frozen Classifier rebuilt from a model file's stored architecture (checked against ``expect``)."""
+    from semvae.models import Classifier, freeze
+
+    state = load(path)
+    arch = state.get("architecture")
+    if state.get("kind") != "classifier" or not arch:
+        raise CheckpointError(f"{path} is not a classifier model file (kind={state.get('kind')!r})")
+    model = Classifier(arch["widths"], arch["blocks"])
+    load_weights(model, state, path, expect or {})
+    return freeze(model.to(device)), state

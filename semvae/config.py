@@ -32,6 +32,13 @@ class Directions(str, Enum):
 class TaskName(str, Enum):
     train = "train"  # train a VAE
     classifier = "classifier"  # train the feature classifier (or the held-out judge)
+    evaluate = "evaluate"  # compare trained VAEs (semvae/evaluate.py)
+
+
+class JudgeName(str, Enum):
+    train = "train"  # the classifier used by the semantic loss (classifier.checkpoint)
+    heldout = "heldout"  # a second classifier never used by any loss (evaluation.heldout_checkpoint)
+    morpho = "morpho"  # Morpho-MNIST morphometrics, standardised over the test set
 
 
 class LrSchedule(str, Enum):
@@ -60,14 +67,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     latent_dim: int = 16
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels at 28, 14 and 7 pixels
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # channels at 28, 14 and 7 pixels
     blocks: int = 1  # residual blocks per resolution
 
 
 @dataclass
 class ClassifierConfig:
     name: str = "classifier"
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks: int = 1
     checkpoint: str = "weights/classifier.pth"  # where task=classifier exports it and the VAE loads it
     seed: Optional[int] = None  # training seed for task=classifier; None uses the run's seed
@@ -134,6 +141,25 @@ class TaskConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    checkpoints: list[str] = field(default_factory=list)  # VAE model files to compare
+    heldout_checkpoint: str = "weights/judge.pth"
+    judges: list[JudgeName] = field(default_factory=lambda: [JudgeName.train, JudgeName.heldout, JudgeName.morpho])
+    seed: int = 0  # fixes starting images, directions, pairs and ELBO noise: the same for every model
+    n_points: int = 1000  # GSV starting points z_i = mu(x_i), test images
+    morpho_points: int = 200  # starting points judged by the (slower, per-image) morphometrics
+    n_random_directions: int = 64  # besides every latent axis +-e_j
+    steps: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    n_pairs: int = 8  # interpolation pairs
+    interpolation_steps: int = 10
+    traversal_range: float = 3.0  # traversals set each latent dim to values in [-range, range]
+    traversal_steps: int = 9
+    batch_size: int = 1000
+    limit_test: Optional[int] = None  # evaluate on the first N test images only (smoke tests)
+    device: str = "auto"
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = "VAE"  # run name; the variant presets set it
@@ -145,6 +171,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def register_configs() -> None:
@@ -234,6 +261,35 @@ def validate(cfg: Config) -> Config:
         "allowed values: auto, cpu, cuda, cuda:N",
         t.device,
     )
+    e = cfg.evaluation
+    _require(e.n_points >= 2, "evaluation.n_points", "must be >= 2", e.n_points)
+    _require(
+        2 <= e.morpho_points <= e.n_points,
+        "evaluation.morpho_points",
+        "must be in [2, evaluation.n_points]",
+        e.morpho_points,
+    )
+    _require(e.n_random_directions >= 0, "evaluation.n_random_directions", "must be >= 0", e.n_random_directions)
+    _require(len(e.steps) >= 1 and all(v > 0 for v in e.steps), "evaluation.steps", "needs values > 0", e.steps)
+    _require(e.n_pairs >= 1, "evaluation.n_pairs", "must be >= 1", e.n_pairs)
+    _require(e.interpolation_steps >= 2, "evaluation.interpolation_steps", "must be >= 2", e.interpolation_steps)
+    _require(e.traversal_steps >= 2, "evaluation.traversal_steps", "must be >= 2", e.traversal_steps)
+    _require(e.batch_size >= 1, "evaluation.batch_size", "must be >= 1", e.batch_size)
+    _require(
+        e.limit_test is None or e.limit_test >= max(e.n_points, 2 * e.n_pairs),
+        "evaluation.limit_test",
+        "must be >= evaluation.n_points and 2 * evaluation.n_pairs, or null",
+        e.limit_test,
+    )
+    _require(len(set(e.judges)) == len(e.judges), "evaluation.judges", "lists a judge twice", e.judges)
+    _require(
+        e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
+        "evaluation.device",
+        "allowed values: auto, cpu, cuda, cuda:N",
+        e.device,
+    )
+    if cfg.task.name == TaskName.evaluate:
+        _require(len(e.checkpoints) >= 1, "evaluation.checkpoints", "lists no model to evaluate", e.checkpoints)
     if cfg.task.name == TaskName.train and s.n_points is not None and loss.semantic_weight > 0:
         _require(
             s.n_points <= t.batch_size,

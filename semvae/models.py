@@ -60,7 +60,7 @@ class Encoder(nn.Module):
 class ResNetVAE(nn.Module):
     """Gaussian encoder q(z|x) = N(mu, diag exp(logvar)) and a mirrored decoder giving Bernoulli logits."""
 
-    def __init__(self, latent_dim: int = 16, widths: Sequence[int] = (32, 64, 128), blocks: int = 1):
+    def __init__(self, latent_dim: int = 16, widths: Sequence[int] = (16, 32, 64), blocks: int = 1):
         super().__init__()
         w0, w1, w2 = widths
         self.latent_dim = latent_dim
@@ -106,7 +106,7 @@ class Classifier(nn.Module):
     Inputs are images in [0, 1]; the standardisation is part of the model so that decoded images can be fed as is.
     """
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128), blocks: int = 1, n_classes: int = 10):
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: int = 1, n_classes: int = 10):
         super().__init__()
         self.encoder = Encoder(widths, blocks, norm=True)
         self.head_norm = nn.BatchNorm2d(widths[2])

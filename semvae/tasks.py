@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from semvae import checkpoints
 from semvae.config import Config, ConfigError, TaskName
 from semvae.data import Split, load_split, random_shift, train_val_split
 from semvae.losses import sample_directions, vae_objective
-from semvae.models import Classifier, ResNetVAE, freeze
+from semvae.models import Classifier, ResNetVAE
 from semvae.tracking import Tracker
 from semvae.train import FitResult, fit, seed_everything, validate
 
@@ -67,6 +68,20 @@ def check_inputs(cfg: Config) -> None:
             f"(loss.semantic_weight={cfg.loss.semantic_weight}) needs it: train it first with "
             "`python run.py task=classifier`, or point classifier.checkpoint at one"
         )
+    if cfg.task.name == TaskName.evaluate:
+        e = cfg.evaluation
+        needed = {"evaluation.checkpoints": e.checkpoints}
+        if "train" in [j.value for j in e.judges]:
+            needed["classifier.checkpoint"] = [cfg.classifier.checkpoint]
+        if "heldout" in [j.value for j in e.judges]:
+            needed["evaluation.heldout_checkpoint"] = [e.heldout_checkpoint]
+        for key, paths in needed.items():
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                raise ConfigError(
+                    f"{key}: not found: {', '.join(missing)}. Train it first (README, 'Run'), point {key} at an "
+                    "existing file, or drop its judge from evaluation.judges"
+                )
     if cfg.task.export is not None and Path(cfg.task.export).exists() and not cfg.task.overwrite:
         raise ConfigError(f"task.export={cfg.task.export!r} exists; pass task.overwrite=true to replace it")
 
@@ -160,10 +175,8 @@ def _finish(
 def load_classifier(cfg: Config, device: torch.device) -> Classifier:
     """The frozen feature extractor phi from ``classifier.checkpoint``, checked against ``classifier.*``."""
     c = cfg.classifier
-    model = Classifier(c.widths, c.blocks)
-    state = checkpoints.load(c.checkpoint)
-    checkpoints.load_weights(model, state, c.checkpoint, {"widths": list(c.widths), "blocks": c.blocks})
-    return freeze(model.to(device))
+    model, _ = checkpoints.load_classifier(c.checkpoint, device, {"widths": list(c.widths), "blocks": c.blocks})
+    return model
 
 
 def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
@@ -319,3 +332,110 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
 
 
 TASKS = {TaskName.train: train_vae, TaskName.classifier: train_classifier}
+
+
+def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
+    """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and JSON."""
+    from torchvision.utils import save_image
+
+    from semvae import comparison, morpho
+    from semvae.config import JudgeName
+    from semvae.tracking import write_json_atomic
+
+    run_dir = Path(run_dir)
+    e = cfg.evaluation
+    device = resolve_device(e.device)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    names = [Path(p).stem for p in e.checkpoints]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"evaluation.checkpoints={e.checkpoints}: file names must differ (they name the rows)")
+    # load everything first: a wrong file fails before any computation
+    models = {name: checkpoints.load_vae(path, device) for name, path in zip(names, e.checkpoints, strict=True)}
+    judges = comparison.Judges(morpho=JudgeName.morpho in e.judges)
+    if JudgeName.train in e.judges:
+        judges.classifiers["train"] = load_classifier(cfg, device)
+    if JudgeName.heldout in e.judges:
+        judges.classifiers["heldout"], _ = checkpoints.load_classifier(e.heldout_checkpoint, device)
+
+    d = cfg.data
+    test = load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror)
+    if e.limit_test is not None:
+        test = test.subset(torch.arange(min(e.limit_test, len(test))))
+    test = test.to(device)
+    if e.n_points > len(test):
+        raise ConfigError(f"evaluation.n_points={e.n_points}: the test split has only {len(test)} images")
+    started = time.perf_counter()
+    factors = None
+    if judges.morpho:
+        factors = morpho.measure(test.images.cpu())
+        _, judges.morpho_mean, judges.morpho_std = morpho.standardize(factors)
+    selection = comparison.select(test.images, e.n_points, e.n_pairs, e.seed)
+    values = torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps)
+
+    tracker = _tracker(cfg, run_dir, job_type="evaluate", group=group, extra={"models": names})
+    try:
+        rows, norms = [], {}
+        (run_dir / "models").mkdir(exist_ok=True)
+        for name, (vae, state) in models.items():
+            log.info("evaluating %s (%s)", name, state.get("variant", "?"))
+            metrics, images, norms[name] = comparison.evaluate_model(
+                vae,
+                test.images,
+                test.labels,
+                judges,
+                selection,
+                factors,
+                seed=e.seed,
+                n_random_directions=e.n_random_directions,
+                steps=list(e.steps),
+                morpho_points=e.morpho_points,
+                interpolation_steps=e.interpolation_steps,
+                traversal_values=values,
+                batch_size=e.batch_size,
+            )
+            row = {
+                "model": name,
+                "variant": state.get("variant"),
+                "epochs": state.get("summary", {}).get("epochs"),
+                "checkpoint": str(e.checkpoints[names.index(name)]),
+                **metrics,
+            }
+            rows.append(row)
+            write_json_atomic(row | {"config": state.get("config")}, run_dir / "models" / f"{name}.json")
+            save_image(images["interpolations"], run_dir / f"interpolations_{name}.png", nrow=e.interpolation_steps)
+            save_image(images["traversals"], run_dir / f"traversals_{name}.png", nrow=e.traversal_steps)
+            tracker.log_images(
+                {f"{name}/interpolations": images["interpolations"], f"{name}/traversals": images["traversals"]},
+                step=0,
+                nrow=e.interpolation_steps,
+            )
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        frame.to_csv(run_dir / "comparison.csv", index=False)
+        (run_dir / "comparison.md").write_text(comparison.markdown_table(rows))
+        comparison.latent_norm_figure(norms, {r["model"]: r["latent_dim"] for r in rows}, run_dir / "latent_norms.png")
+        comparison.gsv_figure(rows, run_dir / "gsv.png")
+        seconds = time.perf_counter() - started
+        summary = {"eval_seconds": round(seconds, 2), "n_test": len(test), "models": names}
+        summary |= {f"{r['model']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, int | float)}
+        tracker.update_summary(summary)
+        tracker.log_table("comparison", frame)
+        tracker.log_files({"latent_norms": run_dir / "latent_norms.png", "gsv": run_dir / "gsv.png"})
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    log.info(
+        "evaluated %d models on %d test images in %.1fs; table: %s\n%s",
+        len(rows),
+        len(test),
+        seconds,
+        run_dir / "comparison.md",
+        comparison.markdown_table(rows),
+    )
+    return summary
+
+
+TASKS[TaskName.evaluate] = evaluate_models

@@ -136,6 +136,20 @@ class Tracker:
 
             self.run.log({key: wandb.Image(grid) for key, grid in grids.items()}, step=step)
 
+    def log_table(self, key: str, frame) -> None:
+        """A pandas DataFrame as a W&B table (the run dir already holds it as CSV)."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(dataframe=frame)})
+
+    def log_files(self, images: dict[str, str | Path]) -> None:
+        """Figures already saved as PNG, logged to W&B as images."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
+
     def update_summary(self, values: dict[str, Any]) -> None:
         self.summary.update({k: _jsonable(v) for k, v in values.items()})
         write_json_atomic(self.summary, self.summary_path)

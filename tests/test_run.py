@@ -28,7 +28,7 @@ def wandb_summary(run_dir):
 def test_classifier_task_trains_and_exports(tmp_path, weights_dir):
     path = weights_dir / "classifier.pth"
     state = checkpoints.load(path)
-    assert state["kind"] == "classifier" and state["architecture"]["widths"] == [32, 64, 128]
+    assert state["kind"] == "classifier" and state["architecture"]["widths"] == [16, 32, 64]
     assert 0.0 <= state["test/accuracy"] <= 1.0 and state["n_val"] == 2_000 and state["n_train"] >= 21_797
     assert state["summary"]["epochs"] == 2 and state["config"]["task"]["name"] == "classifier"
     before = path.read_bytes()

@@ -1,0 +1,214 @@
+"""Evaluation metrics of METHOD.md as functions of (model, data): reconstruction, Global Semantic Variance,
+latent norms, active units, disentanglement against morphometrics, interpolations and traversals.
+
+Every function takes tensors and plain values and works in batches (no Python loop over samples or directions).
+Randomness comes from explicit seeds, so every model is evaluated on the same images, pairs and directions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from semvae.models import ResNetVAE
+
+Judge = Callable[[Tensor], Tensor]  # images (B, 1, 28, 28) in [0, 1] -> features (B, F)
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def latent_means(vae: ResNetVAE, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Posterior means mu(x), (N, L)."""
+    return torch.cat([vae.encode(images[s])[0] for s in _batches(len(images), batch_size)])
+
+
+@torch.no_grad()
+def decode_images(vae: ResNetVAE, z: Tensor, batch_size: int = 1000) -> Tensor:
+    """sigmoid(G(z)), (N, 1, 28, 28)."""
+    return torch.cat([torch.sigmoid(vae.decode(z[s])) for s in _batches(len(z), batch_size)])
+
+
+@torch.no_grad()
+def reconstruction_errors(vae: ResNetVAE, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Per-image mean squared error between x and sigmoid(G(mu(x))), (N,)."""
+    recon = decode_images(vae, latent_means(vae, images, batch_size), batch_size)
+    return (recon - images).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def negative_elbo(vae: ResNetVAE, images: Tensor, seed: int = 0, batch_size: int = 1000) -> Tensor:
+    """Per-image negative ELBO (nats) with one posterior sample drawn from a seeded generator, (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in _batches(len(images), batch_size):
+        x = images[s]
+        mu, logvar = vae.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g).to(mu.device)
+        nll = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="none").flatten(1).sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+        out.append(nll + kl)
+    return torch.cat(out)
+
+
+def mean_and_se(values: Tensor) -> tuple[float, float]:
+    """Mean and its standard error (std / sqrt(n)) of a 1-d tensor."""
+    values = values.double().flatten()
+    se = values.std(unbiased=True).item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return values.mean().item(), se
+
+
+def evaluation_directions(latent_dim: int, n_random: int = 64, seed: int = 0) -> Tensor:
+    """Unit directions of the GSV: every latent axis +-e_j, then ``n_random`` uniform on the sphere, (2L + n, L)."""
+    eye = torch.eye(latent_dim)
+    u = torch.randn(n_random, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([eye, -eye, u / u.norm(dim=1, keepdim=True)])
+
+
+@torch.no_grad()
+def global_semantic_variance(
+    decode: Callable[[Tensor], Tensor],
+    judges: dict[str, Judge],
+    z: Tensor,
+    directions: Tensor,
+    steps: list[float],
+    batch_size: int = 2000,
+    eps: float = 1e-8,
+) -> dict[str, dict[str, Tensor]]:
+    """GSV of METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
+
+    ``decode`` maps codes to images in [0, 1]; each judge maps images to features. For every (step, direction)
+    pair the change Delta_i = judge(decode(z_i + step * d)) - judge(decode(z_i)) is reduced over the N starting
+    points to the raw value mean_f Var_i (unbiased) and the normalised value
+    sum_f Var_i / (sum_f mean_i Delta^2 + eps) (population variance, in [0, 1]).
+    Shifted codes are decoded and judged in chunks of ``batch_size`` images, all judges on the same images.
+    Returns ``{judge: {"raw": (S, D), "norm": (S, D)}}``.
+    """
+    n, latent_dim = z.shape
+    base_images = torch.cat([decode(z[s]) for s in _batches(n, batch_size)])
+    base = {name: torch.cat([judge(base_images[s]) for s in _batches(n, batch_size)]) for name, judge in judges.items()}
+    shifts = torch.cat([step * directions for step in steps])  # (S*D, L)
+    per_chunk = max(1, batch_size // n)  # shifts whose N images go through the decoder together
+    raw = {name: [] for name in judges}
+    norm = {name: [] for name in judges}
+    for s in _batches(len(shifts), per_chunk):
+        k = s.stop - s.start
+        codes = (z.unsqueeze(0) + shifts[s].unsqueeze(1)).reshape(k * n, latent_dim)
+        images = torch.cat([decode(codes[c]) for c in _batches(len(codes), batch_size)])
+        for name, judge in judges.items():
+            feats = torch.cat([judge(images[c]) for c in _batches(len(images), batch_size)])
+            delta = feats.reshape(k, n, -1) - base[name].unsqueeze(0)  # (k, N, F)
+            raw[name].append(delta.var(dim=1, unbiased=True).mean(dim=1))
+            spread = delta.var(dim=1, unbiased=False).sum(dim=1)
+            norm[name].append(spread / (delta.pow(2).mean(dim=1).sum(dim=1) + eps))
+    n_steps = len(steps)
+    return {
+        name: {"raw": torch.cat(raw[name]).reshape(n_steps, -1), "norm": torch.cat(norm[name]).reshape(n_steps, -1)}
+        for name in judges
+    }
+
+
+def active_units(mu: Tensor, threshold: float = 0.01) -> int:
+    """Number of latent dims whose posterior mean varies over the data: Var_x E[z_j | x] > threshold."""
+    return int((mu.var(dim=0, unbiased=True) > threshold).sum().item())
+
+
+def chi_pdf(r: Tensor, dof: int) -> Tensor:
+    """Density of the chi distribution with ``dof`` degrees of freedom: the norm of z ~ N(0, I_dof)."""
+    log_pdf = (dof - 1) * torch.log(r.clamp_min(1e-12)) - r.pow(2) / 2 - (dof / 2 - 1) * math.log(2)
+    return torch.exp(log_pdf - math.lgamma(dof / 2))
+
+
+def _discretize(values: Tensor, bins: int) -> Tensor:
+    """Equal-width histogram bins per column, (N, C) -> integer codes in [0, bins)."""
+    lo, hi = values.min(dim=0).values, values.max(dim=0).values
+    scaled = (values - lo) / (hi - lo).clamp_min(1e-12)
+    return (scaled * bins).long().clamp_(0, bins - 1)
+
+
+def _mutual_information(a: Tensor, b: Tensor, bins: int) -> Tensor:
+    """I(a_j; b_k) in nats for discrete codes a (N, J), b (N, K) -> (J, K), from joint histograms."""
+    n = a.shape[0]
+    onehot_a = F.one_hot(a, bins).double()  # (N, J, bins)
+    onehot_b = F.one_hot(b, bins).double()  # (N, K, bins)
+    joint = torch.einsum("nja,nkb->jkab", onehot_a, onehot_b) / n  # (J, K, bins, bins)
+    pa, pb = joint.sum(3, keepdim=True), joint.sum(2, keepdim=True)
+    ratio = torch.where(joint > 0, joint / (pa * pb).clamp_min(1e-300), torch.ones_like(joint))
+    return (joint * ratio.log()).sum(dim=(2, 3))
+
+
+def mig(codes: Tensor, factors: Tensor, bins: int = 20) -> float:
+    """Mutual Information Gap (Chen et al., 2018) with histogram discretisation of codes and factors.
+
+    For each factor k: (I(z_(1); v_k) - I(z_(2); v_k)) / H(v_k), the gap between the two latent dims most
+    informative about it, averaged over factors. Needs at least two latent dims.
+    """
+    a, b = _discretize(codes.double(), bins), _discretize(factors.double(), bins)
+    mi = _mutual_information(a, b, bins)  # (J, K)
+    pb = F.one_hot(b, bins).double().mean(0)  # (K, bins)
+    entropy = -(pb * torch.where(pb > 0, pb.log(), torch.zeros_like(pb))).sum(1)
+    top = mi.topk(2, dim=0).values  # (2, K)
+    return ((top[0] - top[1]) / entropy.clamp_min(1e-12)).mean().item()
+
+
+def dci(codes: Tensor, factors: Tensor, train_fraction: float = 0.8, ridge: float = 1e-3) -> dict[str, float]:
+    """DCI-style scores (Eastwood & Williams, 2018) from a linear (ridge) regressor per factor.
+
+    Importance R_jk = |standardised weight of code j for factor k|. Disentanglement: 1 - entropy (base K)
+    of each code's importance over the K factors, weighted by the code's share of importance. Completeness:
+    1 - entropy (base J) of each factor's importance over the J codes, averaged. Informativeness: R^2 of the
+    factors on held-out rows.
+    """
+    x = (codes - codes.mean(0)) / codes.std(0).clamp_min(1e-8)
+    y = (factors - factors.mean(0)) / factors.std(0).clamp_min(1e-8)
+    x, y = x.double(), y.double()
+    n_train = int(len(x) * train_fraction)
+    xt, yt = x[:n_train], y[:n_train]
+    gram = xt.T @ xt + ridge * n_train * torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(gram, xt.T @ yt)  # (J, K)
+    residual = y[n_train:] - x[n_train:] @ weights
+    r2 = 1 - residual.pow(2).mean(0) / y[n_train:].var(0, unbiased=False).clamp_min(1e-12)
+    importance = weights.abs()
+    n_codes, n_factors = importance.shape
+
+    def one_minus_entropy(p: Tensor, base: int) -> Tensor:
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1) / math.log(base)
+        return 1 - h
+
+    per_code = one_minus_entropy(importance, n_factors)  # (J,)
+    code_weight = importance.sum(1) / importance.sum().clamp_min(1e-12)
+    per_factor = one_minus_entropy(importance.T, n_codes)  # (K,)
+    return {
+        "disentanglement": (per_code * code_weight).sum().item(),
+        "completeness": per_factor.mean().item(),
+        "informativeness": r2.mean().item(),
+    }
+
+
+@torch.no_grad()
+def interpolations(vae: ResNetVAE, x_a: Tensor, x_b: Tensor, n_steps: int = 10) -> Tensor:
+    """sigmoid(G((1 - t) mu(x_a) + t mu(x_b))) for t in linspace(0, 1, n_steps): (P * n_steps, 1, 28, 28),
+    one row of ``n_steps`` images per pair."""
+    mu_a, mu_b = vae.encode(x_a)[0], vae.encode(x_b)[0]
+    t = torch.linspace(0, 1, n_steps, device=mu_a.device)[None, :, None]
+    codes = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (P, n_steps, L)
+    return torch.sigmoid(vae.decode(codes.flatten(0, 1)))
+
+
+@torch.no_grad()
+def traversals(vae: ResNetVAE, x: Tensor, values: Tensor) -> Tensor:
+    """From mu(x) of one image, set each latent dim j to each of ``values``: (L * V, 1, 28, 28), a row per dim."""
+    mu = vae.encode(x[:1])[0][0]
+    latent_dim, n_values = mu.numel(), values.numel()
+    codes = mu.repeat(latent_dim, n_values, 1)  # (L, V, L)
+    dims = torch.arange(latent_dim)
+    codes[dims, :, dims] = values.to(mu).expand(latent_dim, n_values)
+    return torch.sigmoid(vae.decode(codes.flatten(0, 1)))

@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from semvae import evaluate as ev
+from semvae.models import ResNetVAE
+
+
+def _affine(latent_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(784, latent_dim, generator=g) * 0.1, torch.randn(784, generator=g) * 0.1
+    return lambda z: (z @ w.T + b).reshape(-1, 1, 28, 28)
+
+
+def test_gsv_is_zero_for_affine_decoder_and_linear_judge_and_positive_otherwise():
+    latent_dim = 5
+    decode = _affine(latent_dim)
+    proj = torch.randn(784, 12, generator=torch.Generator().manual_seed(1))
+    linear = lambda img: img.flatten(1) @ proj  # noqa: E731
+    relu = lambda img: F.relu(img.flatten(1) @ proj)  # noqa: E731
+    z = torch.randn(300, latent_dim, generator=torch.Generator().manual_seed(2))
+    directions = ev.evaluation_directions(latent_dim, n_random=6, seed=0)
+    out = ev.global_semantic_variance(
+        decode, {"linear": linear, "relu": relu}, z, directions, [0.5, 1, 2], batch_size=500
+    )
+    assert out["linear"]["raw"].shape == (3, 2 * latent_dim + 6)
+    assert out["linear"]["raw"].abs().max().item() < 1e-8
+    assert out["linear"]["norm"].abs().max().item() < 1e-6
+    assert out["relu"]["raw"].min().item() > 0 and out["relu"]["norm"].min().item() > 1e-3
+    assert out["relu"]["norm"].max().item() <= 1.0
+
+
+def test_gsv_is_independent_of_the_chunk_size():
+    vae = ResNetVAE(4, (4, 8, 8), 1).eval()
+    judge = lambda img: torch.tanh(img.flatten(1)[:, ::9] * 3)  # noqa: E731
+    decode = lambda z: torch.sigmoid(vae.decode(z))  # noqa: E731
+    z = torch.randn(40, 4, generator=torch.Generator().manual_seed(3))
+    d = ev.evaluation_directions(4, 3, seed=1)
+    a = ev.global_semantic_variance(decode, {"j": judge}, z, d, [1.0, 2.0], batch_size=45)
+    b = ev.global_semantic_variance(decode, {"j": judge}, z, d, [1.0, 2.0], batch_size=1000)
+    assert torch.allclose(a["j"]["raw"], b["j"]["raw"], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(a["j"]["norm"], b["j"]["norm"], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_directions_are_axes_then_random_unit_vectors():
+    d = ev.evaluation_directions(3, n_random=4, seed=0)
+    assert d.shape == (10, 3)
+    assert torch.equal(d[:3], torch.eye(3)) and torch.equal(d[3:6], -torch.eye(3))
+    assert torch.allclose(d.norm(dim=1), torch.ones(10))
+    assert torch.equal(d, ev.evaluation_directions(3, n_random=4, seed=0))
+
+
+def test_active_units_count_dims_that_vary_over_the_data():
+    mu = torch.zeros(500, 6)
+    mu[:, 0] = torch.randn(500)
+    mu[:, 1] = 0.5 * torch.randn(500)
+    mu[:, 2] = 0.01 * torch.randn(500)  # variance 1e-4: inactive
+    assert ev.active_units(mu) == 2
+
+
+def test_chi_density_integrates_to_one_and_peaks_near_sqrt_dof():
+    for dof in (1, 2, 16):
+        r = torch.linspace(0, 12, 20001, dtype=torch.float64)
+        p = ev.chi_pdf(r, dof)
+        assert torch.trapezoid(p, r).item() == pytest.approx(1.0, abs=1e-3)
+        if dof > 1:
+            assert r[p.argmax()].item() == pytest.approx(math.sqrt(dof - 1), abs=0.01)
+
+
+def test_mig_rewards_one_code_per_factor():
+    g = torch.Generator().manual_seed(0)
+    factors = torch.rand(4000, 2, generator=g)
+    aligned = torch.cat([factors, torch.rand(4000, 2, generator=g)], dim=1)  # each factor in its own code
+    mixed = torch.stack([factors.sum(1), factors[:, 0] - factors[:, 1], torch.rand(4000, generator=g)], dim=1)
+    assert ev.mig(aligned, factors) > 0.6
+    assert ev.mig(mixed, factors) < 0.3
+    assert ev.mig(torch.rand(4000, 3, generator=g), factors) < 0.05  # codes unrelated to the factors
+
+
+def test_dci_scores_separate_aligned_from_mixed_codes():
+    g = torch.Generator().manual_seed(1)
+    factors = torch.randn(3000, 3, generator=g)
+    aligned = factors + 0.05 * torch.randn(3000, 3, generator=g)
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+    mixed = factors @ rotation + 0.05 * torch.randn(3000, 3, generator=g)
+    a, m = ev.dci(aligned, factors), ev.dci(mixed, factors)
+    assert a["disentanglement"] > 0.9 and a["completeness"] > 0.9
+    assert m["disentanglement"] < a["disentanglement"] - 0.3 and m["completeness"] < a["completeness"] - 0.3
+    assert a["informativeness"] > 0.99 and m["informativeness"] > 0.99  # both predict the factors linearly
+    noise = ev.dci(torch.randn(3000, 3, generator=g), factors)
+    assert noise["informativeness"] < 0.05
+
+
+def test_interpolations_start_and_end_at_the_reconstructions():
+    vae = ResNetVAE(4, (4, 8, 8), 1).eval()
+    a, b = torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    grid = ev.interpolations(vae, a, b, n_steps=5).reshape(3, 5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(grid[:, 0], torch.sigmoid(vae.decode(vae.encode(a)[0])), atol=1e-5)
+        assert torch.allclose(grid[:, -1], torch.sigmoid(vae.decode(vae.encode(b)[0])), atol=1e-5)
+
+
+def test_traversals_change_one_latent_dim_per_row():
+    vae = ResNetVAE(3, (4, 8, 8), 1).eval()
+    x = torch.rand(1, 1, 28, 28)
+    values = torch.linspace(-2, 2, 4)
+    seen = []
+    original = vae.decode
+    vae.decode = lambda z: (seen.append(z.clone()), original(z))[1]
+    grid = ev.traversals(vae, x, values)
+    assert grid.shape == (3 * 4, 1, 28, 28)
+    codes = seen[0].reshape(3, 4, 3)
+    mu = vae.encode(x)[0][0]
+    for j in range(3):
+        assert torch.allclose(codes[j, :, j], values)
+        others = [k for k in range(3) if k != j]
+        assert torch.allclose(codes[j][:, others], mu[others].expand(4, 2))
+
+
+def test_mean_and_se():
+    mean, se = ev.mean_and_se(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5 and se == pytest.approx(torch.tensor([1.0, 2, 3, 4]).std().item() / 2)

@@ -95,3 +95,8 @@ def test_corrupt_checkpoint_error_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(checkpoints.CheckpointError, match=f"cannot read checkpoint {path}"):
         checkpoints.load(path)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    path = checkpoints.save_atomic({"model": {}}, tmp_path / "m.pth")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoints._umask()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from semvae.checkpoints import CheckpointError  # noqa: E402
 from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
 from semvae.data import DataError  # noqa: E402
 from semvae.tasks import TASKS, check_inputs  # noqa: E402
+from semvae.train import NonFiniteLossError, StopRequested  # noqa: E402
 
 log = logging.getLogger("run")
 register_configs()
@@ -40,12 +42,29 @@ def main(cfg: DictConfig) -> dict | None:
     group = sweep_group(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     try:
         config = validate(OmegaConf.to_object(cfg))
-        check_inputs(config)
+        check_inputs(config, hc.runtime.output_dir)
         return TASKS[config.task.name](config, hc.runtime.output_dir, group)
     except (ConfigError, DataError, CheckpointError) as error:
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as error:
+        log.error("%s; the last good checkpoint is kept in %s", error, hc.runtime.output_dir)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except StopRequested as stopped:
+        log.warning("%s", stopped)
+        print(f"stopped: {stopped}", file=sys.stderr)
+        hand_on(stopped.signum)
+
+
+def hand_on(signum: int) -> None:
+    """After the checkpoint is written, pass a stop signal to whoever handled it before us (submitit requeues a
+    preempted SLURM job there); with nobody there, exit with the shell's code for that signal."""
+    previous = signal.getsignal(signum)
+    if callable(previous):
+        signal.raise_signal(signum)
+    raise SystemExit(128 + signum)
 
 
 def check_override_keys(args: list[str]) -> None:

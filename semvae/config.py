@@ -108,10 +108,11 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 50  # optimiser steps between reads of the running losses (the only host syncs)
+    checkpoint_every: Optional[int] = 500  # steps between mid-epoch checkpoints (at the next log point); null: epochs
     limit_train_batches: Optional[int] = None  # cut epochs short (smoke tests)
     limit_eval_batches: Optional[int] = None
     progress: bool = True  # a progress bar per epoch
-    resume: Optional[str] = None  # checkpoint to continue from
+    resume: Optional[str] = None  # checkpoint to continue from; null: the run dir's last.pt if there is one
     n_image_samples: int = 64  # reconstructions and prior samples logged as images
 
 
@@ -123,6 +124,7 @@ class LoggerConfig:
     group: Optional[str] = None  # None: the sweep's directory name in a multirun, else no group
     tags: list[str] = field(default_factory=list)
     log_artifacts: bool = True
+    init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on without it
 
 
 @dataclass
@@ -251,6 +253,13 @@ def validate(cfg: Config) -> Config:
     _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
     _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
     _require(t.log_every >= 1, "trainer.log_every", "must be >= 1", t.log_every)
+    _require(
+        t.checkpoint_every is None or t.checkpoint_every >= 1,
+        "trainer.checkpoint_every",
+        "must be >= 1 or null",
+        t.checkpoint_every,
+    )
+    _require(cfg.logger.init_timeout > 0, "logger.init_timeout", "must be > 0", cfg.logger.init_timeout)
     _require(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", "must be >= 1", t.num_threads)
     for key in ("limit_train_batches", "limit_eval_batches"):
         value = getattr(t, key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from semvae.data import Split, load_split, random_shift, train_val_split
 from semvae.losses import sample_directions, vae_objective
 from semvae.models import Classifier, ResNetVAE
 from semvae.tracking import Tracker
-from semvae.train import FitResult, fit, seed_everything, validate
+from semvae.train import FitResult, StopFlag, StopRequested, fit, seed_everything, validate
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,68 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_inputs(cfg: Config) -> None:
-    """Fail before any work on a missing input or an export that would overwrite a file."""
+# settings a resumed run must share with the checkpoint it continues (trainer.epochs may grow)
+RESUME_KEYS = (
+    "seed",
+    "model",
+    "loss",
+    "classifier.widths",
+    "classifier.blocks",
+    "data.name",
+    "data.val_size",
+    "data.split_seed",
+    "trainer.batch_size",
+    "trainer.lr",
+    "trainer.weight_decay",
+    "trainer.lr_schedule",
+    "trainer.limit_train_batches",
+)
+
+
+def effective_config(cfg: Config) -> Config:
+    """The config a task really runs with: task=classifier trains with classifier.seed when it is set."""
+    if cfg.task.name == TaskName.classifier and cfg.classifier.seed is not None:
+        return dataclasses.replace(cfg, seed=cfg.classifier.seed)
+    return cfg
+
+
+def resume_checkpoint(cfg: Config, run_dir: str | Path | None) -> Path | None:
+    """trainer.resume when set, else the run dir's last.pt when it exists (the same command continues a run)."""
+    if cfg.trainer.resume is not None:
+        return Path(cfg.trainer.resume)
+    if run_dir is not None and (Path(run_dir) / "last.pt").is_file():
+        return Path(run_dir) / "last.pt"
+    return None
+
+
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_resumable(cfg: Config, path: Path) -> dict[str, Any]:
+    """The checkpoint ``path`` if this config may continue it; CheckpointError naming the file and keys if not."""
+    state = checkpoints.load(path)
+    stored, current = state.get("config", {}), as_plain(effective_config(cfg))
+    differing = [k for k in RESUME_KEYS if _lookup(stored, k) != _lookup(current, k)]
+    if differing:
+        details = "; ".join(f"{k}: checkpoint {_lookup(stored, k)!r} vs now {_lookup(current, k)!r}" for k in differing)
+        raise checkpoints.CheckpointError(
+            f"{path} was written by a run with other settings ({details}); use another run dir or trainer.resume"
+        )
+    return state
+
+
+def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
+    """Fail before any work on a missing input, a checkpoint this run cannot continue, or an export that would
+    overwrite a file."""
     if cfg.trainer.resume is not None and not Path(cfg.trainer.resume).is_file():
         raise ConfigError(f"trainer.resume={cfg.trainer.resume!r}: no such checkpoint")
+    if cfg.task.name in (TaskName.train, TaskName.classifier):
+        resume = resume_checkpoint(cfg, run_dir)
+        if resume is not None:
+            check_resumable(cfg, resume)
     if (
         cfg.task.name == TaskName.train
         and cfg.loss.semantic_weight > 0
@@ -102,7 +161,9 @@ def _data(cfg: Config, device: torch.device) -> tuple[Split, Split]:
     return train.to(device), val.to(device)
 
 
-def _tracker(cfg: Config, run_dir: Path, job_type: str, group: str | None, extra: dict[str, Any]) -> Tracker:
+def _tracker(
+    cfg: Config, run_dir: Path, job_type: str, group: str | None, extra: dict[str, Any], run_id: str | None = None
+) -> Tracker:
     lg = cfg.logger
     return Tracker(
         run_dir,
@@ -115,10 +176,12 @@ def _tracker(cfg: Config, run_dir: Path, job_type: str, group: str | None, extra
         entity=lg.entity,
         tags=list(lg.tags),
         log_artifacts=lg.log_artifacts,
+        init_timeout=lg.init_timeout,
+        run_id=run_id,
     )
 
 
-def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker, resume: Path | None) -> dict[str, Any]:
     t = cfg.trainer
     return dict(
         run_dir=run_dir,
@@ -129,11 +192,44 @@ def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         weight_decay=t.weight_decay,
         lr_schedule=t.lr_schedule.value,
         log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every,
         limit_train_batches=t.limit_train_batches,
         limit_eval_batches=t.limit_eval_batches,
         progress=t.progress,
-        resume=t.resume,
+        resume=resume,
     )
+
+
+def _tracked_fit(
+    cfg: Config,
+    run_dir: Path,
+    group: str | None,
+    job_type: str,
+    extra: dict[str, Any],
+    checkpoint_extra: dict[str, Any],
+    run: Callable[[Tracker, dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Start tracking (continuing the W&B run of the checkpoint being resumed), run ``run`` with stop signals turned
+    into a checkpoint-and-exit, and close tracking whatever happens."""
+    resume = resume_checkpoint(cfg, run_dir)
+    run_id = checkpoints.load(resume).get("wandb_id") if resume is not None else None
+    tracker = _tracker(cfg, run_dir, job_type=job_type, group=group, extra=extra, run_id=run_id)
+    checkpoint_extra = checkpoint_extra | {"config": as_plain(cfg), "wandb_id": tracker.run_id}
+    try:
+        with StopFlag() as stop:
+            summary = run(
+                tracker,
+                _fit_kwargs(cfg, run_dir, tracker, resume) | {"stop": stop, "checkpoint_extra": checkpoint_extra},
+            )
+    except StopRequested as stopped:
+        tracker.update_summary({"status": "stopped", "stopped_at_step": stopped.step})
+        tracker.finish(exit_code=128 + stopped.signum)
+        raise
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary
 
 
 def _finish(
@@ -145,6 +241,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Export the final model if asked, log it as an artifact, write the summary and a one-line report."""
     summary = {
+        "status": "finished",
         "epochs": result.epochs,
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
@@ -246,7 +343,6 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
 
     architecture = {"latent_dim": m.latent_dim, "widths": list(m.widths), "blocks": m.blocks}
     extra = {"variant": variant, "n_train": len(train), "n_val": len(val)}
-    tracker = _tracker(cfg, run_dir, job_type=variant, group=group, extra=extra)
     model_file = {
         "kind": "vae",
         "architecture": architecture,
@@ -254,7 +350,8 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
         **extra,
         **checkpoints.provenance(cfg.paths.root_dir),
     }
-    try:
+
+    def run(tracker: Tracker, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
         result = fit(
             vae,
             train,
@@ -265,23 +362,18 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
             generators={"directions": direction_gen},
             monitor="loss",
             image_fn=image_fn,
-            checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
-            **_fit_kwargs(cfg, run_dir, tracker),
+            **fit_kwargs,
         )
-        summary = _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
-    return summary
+        return _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
+
+    return _tracked_fit(cfg, run_dir, group, variant, extra, {"architecture": architecture}, run)
 
 
 def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
     """Train the feature classifier (``classifier=resnet``) or the held-out judge (``classifier=judge``)."""
     run_dir = Path(run_dir)
+    cfg = effective_config(cfg)
     c = cfg.classifier
-    seed = c.seed if c.seed is not None else cfg.seed
-    cfg = dataclasses.replace(cfg, seed=seed)
     device = _setup(cfg)
     train, val = _data(cfg, device)
     model = Classifier(c.widths, c.blocks).to(device)
@@ -296,25 +388,16 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
 
     architecture = {"widths": list(c.widths), "blocks": c.blocks, "feature_dim": model.feature_dim}
     extra = {"variant": "classifier", "classifier": c.name, "n_train": len(train), "n_val": len(val)}
-    tracker = _tracker(cfg, run_dir, job_type="classifier", group=group, extra=extra)
-    try:
+
+    def run(tracker: Tracker, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
         result = fit(
-            model,
-            train,
-            val,
-            step_fn,
-            eval_fn,
-            seed=seed,
-            monitor="accuracy",
-            monitor_mode="max",
-            checkpoint_extra={"architecture": architecture, "config": as_plain(cfg)},
-            **_fit_kwargs(cfg, run_dir, tracker),
+            model, train, val, step_fn, eval_fn, seed=cfg.seed, monitor="accuracy", monitor_mode="max", **fit_kwargs
         )
         test = load_split(
             cfg.data.name.value, cfg.data.root, train=False, download=cfg.data.download, mirror=cfg.data.mirror
         ).to(device)
         test_metrics = validate(model, test, eval_fn, cfg.trainer.batch_size, cfg.trainer.limit_eval_batches)
-        extra |= {f"test/{k}": v for k, v in test_metrics.items()}
+        extra.update({f"test/{k}": v for k, v in test_metrics.items()})
         model_file = {
             "model": model.state_dict(),
             "kind": "classifier",
@@ -323,12 +406,9 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
             **extra,
             **checkpoints.provenance(cfg.paths.root_dir),
         }
-        summary = _finish(cfg, tracker, result, model_file, extra)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
-    return summary
+        return _finish(cfg, tracker, result, model_file, extra)
+
+    return _tracked_fit(cfg, run_dir, group, "classifier", extra, {"architecture": architecture}, run)
 
 
 TASKS = {TaskName.train: train_vae, TaskName.classifier: train_classifier}

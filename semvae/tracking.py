@@ -65,6 +65,8 @@ class Tracker:
         entity: str | None = None,
         tags: list[str] | None = None,
         log_artifacts: bool = True,
+        init_timeout: float = 60.0,
+        run_id: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +78,9 @@ class Tracker:
         self.run = None
         self.mode = "disabled"
         if mode != "disabled":
-            self._start_wandb(mode, config, project, name, group, job_type, entity, tags or [])
+            self._start_wandb(mode, config, project, name, group, job_type, entity, tags or [], init_timeout, run_id)
 
-    def _start_wandb(self, mode, config, project, name, group, job_type, entity, tags) -> None:
+    def _start_wandb(self, mode, config, project, name, group, job_type, entity, tags, init_timeout, run_id) -> None:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
@@ -99,7 +101,9 @@ class Tracker:
             tags=tags,
             config=config,
             reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True, init_timeout=60),
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout),
         )
         for attempt in [mode, "offline"] if mode == "online" else [mode]:
             try:
@@ -109,6 +113,11 @@ class Tracker:
             except Exception as error:  # noqa: BLE001 - any W&B failure must leave training running
                 log.warning("W&B failed to start in %s mode (%s: %s)", attempt, type(error).__name__, error)
         log.warning("W&B is unavailable; this run logs to %s and %s only", self.metrics_path, self.summary_path)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (kept in checkpoints, so that a resumed run logs into the same W&B run)."""
+        return self.run.id if self.run is not None else None
 
     @property
     def wandb_dir(self) -> Path | None:
@@ -121,6 +130,18 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the local records of steps after ``step`` (a resumed run logs them again)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=self.run_dir)
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
     def log_images(self, images: dict[str, Tensor], step: int, nrow: int = 8) -> None:
         """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log it to W&B."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +100,47 @@ def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
         raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): {listed}")
 
 
+class StopRequested(RuntimeError):
+    """The run was asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a kill or a cluster's preemption notice) and saved a
+    checkpoint to continue from."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: checkpoint saved at step {step} in {checkpoint}; run the same command "
+            "again (same run dir) or pass trainer.resume=<that file> to continue"
+        )
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+
+class StopFlag:
+    """Turns stop signals into a flag that the loop checks between steps; restores the old handlers on exit.
+
+    The handlers that were installed before (e.g. submitit's, which requeues a preempted SLURM job) are kept in
+    ``previous`` so that the caller can hand the signal on once the checkpoint is written.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -117,12 +160,14 @@ def fit(
     monitor: str = "loss",
     monitor_mode: str = "min",
     log_every: int = 50,
+    checkpoint_every: int | None = 500,
     limit_train_batches: int | None = None,
     limit_eval_batches: int | None = None,
     progress: bool = True,
     resume: str | Path | None = None,
     image_fn: ImageFn | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    stop: StopFlag | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam on ``train`` (a Split on the training device) and validate on ``val`` each epoch.
 
@@ -130,6 +175,11 @@ def fit(
     terms (under no_grad). ``generators`` are extra CPU generators the step functions draw from (e.g. the
     semantic directions); their states are checkpointed with the batch order's. ``checkpoint_extra`` (config,
     architecture, ...) is stored in every checkpoint.
+
+    ``last.pt`` is written after every epoch and, mid-epoch, at the first log point after every
+    ``checkpoint_every`` steps; it records the position in the epoch, so ``resume`` continues exactly where it was
+    written. When ``stop`` is set by a signal, the loop finishes the current step, writes ``last.pt`` and raises
+    StopRequested.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,35 +198,76 @@ def fit(
     else:
         raise ValueError(f"trainer.lr_schedule={lr_schedule!r}: allowed values: constant, cosine")
     sign = 1.0 if monitor_mode == "min" else -1.0
-    start_epoch, step, best_value, best_epoch, history = 0, 0, math.inf, 0, []
+    done_epochs, step, best_value, best_epoch, history = 0, 0, math.inf, 0, []
     val_metrics: dict[str, float] = {}
+    position, epoch_generator, epoch_sum, epoch_steps = 0, None, None, 0  # progress inside an unfinished epoch
 
     if resume is not None:
         state = checkpoints.load(resume, map_location=train.images.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            raise checkpoints.CheckpointError(f"{resume} does not fit the configured model: {error}") from None
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generators)
-        start_epoch, step = state["epoch"], state["step"]
+        done_epochs, step = state["epoch"], state["step"]
         best_value, best_epoch, history = state["best_value"], state["best_epoch"], state["history"]
         val_metrics = state.get("val", {})
-        log.info("resumed from %s at epoch %d (step %d)", resume, start_epoch, step)
+        position, epoch_generator = state.get("position", 0), state.get("epoch_generator")
+        epoch_sum, epoch_steps = state.get("epoch_sum"), state.get("epoch_steps", 0)
+        tracker.forget_after(step)  # records logged after this checkpoint are logged again
+        where = f"epoch {done_epochs + 1}, batch {position}" if position else f"the end of epoch {done_epochs}"
+        log.info("resumed from %s at %s (step %d)", resume, where, step)
 
     paths = {"last": run_dir / "last.pt", "best": run_dir / "best.pt"}
+
+    def training_state(epoch_done: int, pos: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch_done,
+            "step": step,
+            "position": pos,
+            "epoch_generator": epoch_generator if pos else None,
+            "epoch_sum": epoch_sum if pos else None,
+            "epoch_steps": epoch_steps if pos else 0,
+            "rng": rng_state(generators),
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "history": history,
+            "val": val_metrics,
+            **(checkpoint_extra or {}),
+        }
+
     started = time.perf_counter()
+    last_saved = step
     model.train()
-    for epoch in range(start_epoch + 1, epochs + 1):
+    for epoch in range(done_epochs + 1, epochs + 1):
+        if position == 0:
+            epoch_generator = generators["batches"].get_state()
+            epoch_sum, epoch_steps = None, 0
+        else:  # draw this epoch's batch order again and skip the batches already done
+            generators["batches"].set_state(epoch_generator)
         running: Tensor | None = None
         keys: list[str] = []
-        since_log, epoch_sum, epoch_steps = 0, None, 0
+        since_log = 0
         bar = tqdm(
-            total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, dynamic_ncols=True
+            total=n_batches,
+            initial=position,
+            desc=f"epoch {epoch}/{epochs}",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
         )
         batches = batch_indices(len(train), batch_size, generators["batches"], train.images.device, drop_last=True)
         for i, index in enumerate(batches):
             if i >= n_batches:
                 break
+            if i < position:
+                continue
             terms = step_fn(model, train.images[index], train.labels[index])
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -186,12 +277,13 @@ def fit(
             step += 1
             epoch_steps += 1
             since_log += 1
-            if running is None:
+            if not keys:
                 keys = list(terms)
             values = torch.stack([terms[k].detach().float() for k in keys])
             running = values if running is None else running + values
             bar.update(1)
-            if since_log == log_every or i == n_batches - 1:
+            stopping = stop is not None and stop.signum is not None
+            if since_log == log_every or i == n_batches - 1 or stopping:
                 # the only host read of the step losses
                 means = dict(zip(keys, (running / since_log).tolist(), strict=True))
                 _check_finite(means, step, epoch)
@@ -199,7 +291,15 @@ def fit(
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
                 epoch_sum = running if epoch_sum is None else epoch_sum + running
                 running, since_log = None, 0
+                due = checkpoint_every is not None and step - last_saved >= checkpoint_every
+                if (stopping or due) and i < n_batches - 1:
+                    checkpoints.save_atomic(training_state(epoch - 1, i + 1), paths["last"])
+                    last_saved = step
+                if stopping and i < n_batches - 1:
+                    bar.close()
+                    raise StopRequested(stop.signum, paths["last"], step)
         bar.close()
+        position = 0
 
         val_metrics = validate(model, val, eval_fn, batch_size, limit_eval_batches)
         _check_finite(val_metrics, step, epoch)
@@ -221,23 +321,14 @@ def fit(
         improved = sign * value < sign * best_value if math.isfinite(best_value) else True
         if improved:
             best_value, best_epoch = value, epoch
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch,
-            "step": step,
-            "rng": rng_state(generators),
-            "best_value": best_value,
-            "best_epoch": best_epoch,
-            "history": history,
-            "val": val_metrics,
-            **(checkpoint_extra or {}),
-        }
+        state = training_state(epoch, 0)
         checkpoints.save_atomic(state, paths["last"])
+        last_saved = step
         if improved:
             checkpoints.save_atomic(state, paths["best"])
         log.info("epoch %d/%d  %s", epoch, epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        if stop is not None and stop.signum is not None and epoch < epochs:
+            raise StopRequested(stop.signum, paths["last"], step)
 
     seconds = time.perf_counter() - started
     return FitResult(

@@ -1,0 +1,212 @@
+"""Faults injected into real runs: kill -9, preemption signals, incompatible or damaged checkpoints, a diverging loss,
+W&B failing to start. Nothing may be lost, and a resumed run must end where an uninterrupted one does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from semvae import checkpoints
+from semvae.data import Split
+from semvae.losses import vae_objective
+from semvae.models import ResNetVAE
+from semvae.tracking import Tracker
+from semvae.train import StopFlag, StopRequested, fit
+from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
+
+# long enough to be interrupted: 2 epochs of 40 batches, a checkpoint every 3 steps
+LONG = ["trainer=smoke", "trainer.limit_train_batches=40", "trainer.checkpoint_every=3", "logger=none"]
+
+
+def _start(run_dir, *extra):
+    env = os.environ | {"SEMVAE_DATA_DIR": str(DATA_DIR), "WANDB_ERROR_REPORTING": "false"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *LONG, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_mid_epoch_checkpoint(proc, run_dir, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "last.pt").exists() and checkpoints.load(run_dir / "last.pt").get("position", 0) > 0:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be interrupted:\n{proc.communicate()[1]}")
+        time.sleep(0.01)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_py(*LONG, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def _same_model(a, b):
+    ma, mb = (torch.load(d / "model.pth", weights_only=False)["model"] for d in (a, b))
+    return all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for_mid_epoch_checkpoint(proc, run_dir)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = checkpoints.load(run_dir / "last.pt")
+    assert killed_at["position"] > 0 and killed_at["step"] < 80
+    run_py(*LONG, f"hydra.run.dir={run_dir}")  # the same command, the same run dir
+    assert _same_model(run_dir, uninterrupted)
+    assert read_summary(run_dir)["val/loss"] == read_summary(uninterrupted)["val/loss"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 2  # no step twice (but each epoch's record)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, sig):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for_mid_epoch_checkpoint(proc, run_dir)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert f"{signal.Signals(sig).name} received: checkpoint saved at step" in stderr
+    assert "Traceback" not in stderr
+    summary = read_summary(run_dir)
+    state = checkpoints.load(run_dir / "last.pt")
+    assert summary["status"] == "stopped" and summary["stopped_at_step"] == state["step"]
+    run_py(*LONG, f"trainer.resume={run_dir / 'last.pt'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert _same_model(tmp_path / "resumed", uninterrupted)
+
+
+def test_stop_flag_checkpoints_mid_epoch_and_resume_matches(tmp_path):
+    images = (torch.rand(96, 1, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    data, val = Split(images, torch.zeros(96, dtype=torch.long)), Split(images[:32], torch.zeros(32, dtype=torch.long))
+
+    def train(run_dir, stop=None, at=None, resume=None):
+        torch.manual_seed(0)
+        model = ResNetVAE(4, (4, 8, 8), 1)
+        calls = []
+
+        def step(m, x, y):
+            calls.append(1)
+            if stop is not None and len(calls) == at:
+                stop.signum = signal.SIGTERM  # as if the signal arrived during this step
+            return vae_objective(m, x, 1.0, 0.0)
+
+        fit(
+            model,
+            data,
+            val,
+            step,
+            lambda m, x, y: vae_objective(m, x, 1.0, 0.0),
+            run_dir=run_dir,
+            tracker=Tracker(run_dir, {}, mode="disabled"),
+            epochs=2,
+            batch_size=16,
+            lr=1e-3,
+            log_every=4,
+            checkpoint_every=None,
+            progress=False,
+            resume=resume,
+            stop=stop,
+        )
+        return model
+
+    straight = train(tmp_path / "a")
+    with StopFlag() as stop, pytest.raises(StopRequested) as info:
+        train(tmp_path / "b", stop=stop, at=8)  # epoch 2, batch 2
+    assert info.value.step == 8
+    state = checkpoints.load(tmp_path / "b" / "last.pt")
+    assert (state["epoch"], state["position"], state["step"]) == (1, 2, 8)
+    resumed = train(tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
+
+
+def test_a_run_dir_is_not_continued_with_other_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    run_py("trainer=smoke", "logger=none", f"hydra.run.dir={run_dir}")
+    before = (run_dir / "last.pt").read_bytes(), (run_dir / "model.pth").read_bytes()
+    proc = run_py(
+        "trainer=smoke", "logger=none", "loss.beta=5", "model.latent_dim=8", f"hydra.run.dir={run_dir}", check=False
+    )
+    assert proc.returncode == 2
+    assert f"{run_dir}/last.pt was written by a run with other settings" in proc.stderr
+    assert "model: checkpoint" in proc.stderr and "loss: checkpoint" in proc.stderr
+    assert ((run_dir / "last.pt").read_bytes(), (run_dir / "model.pth").read_bytes()) == before
+
+
+def test_damaged_checkpoint_is_named_and_nothing_runs(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02 not a checkpoint")
+    proc = run_py("trainer=smoke", "logger=none", f"trainer.resume={bad}", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode == 2 and f"cannot read checkpoint {bad}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_py(
+        "trainer=smoke",
+        "logger=none",
+        "trainer.lr=1e12",
+        "trainer.limit_train_batches=20",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "non-finite loss at step" in proc.stderr and "recon=" in proc.stderr and "kl=" in proc.stderr
+    if (run_dir / "last.pt").exists():  # written before the divergence: finite
+        state = checkpoints.load(run_dir / "last.pt")
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run_dir / "model.pth").exists()
+
+
+def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path):
+    env = os.environ | {"SEMVAE_DATA_DIR": str(DATA_DIR), "WANDB_API_KEY": "0" * 40, "WANDB_ERROR_REPORTING": "false"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "trainer=smoke",
+            "logger.mode=online",
+            "logger.init_timeout=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = (run_dir / "run.log").read_text()
+    assert "W&B failed to start in online mode" in log
+    assert read_summary(run_dir)["status"] == "finished"
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_wandb_online_without_a_key_logs_offline_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc either
+    tracker = Tracker(tmp_path / "run", {"a": 1}, mode="online")
+    try:
+        assert tracker.mode == "offline" and tracker.run is not None
+    finally:
+        tracker.finish()
+    assert "no API key is configured; logging offline instead" in caplog.text

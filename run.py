@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from semvae.checkpoints import CheckpointError  # noqa: E402
 from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
 from semvae.data import DataError  # noqa: E402
+from semvae.sweep import record_failure  # noqa: E402
 from semvae.tasks import TASKS, check_inputs  # noqa: E402
 from semvae.train import NonFiniteLossError, StopRequested  # noqa: E402
 
@@ -39,11 +40,10 @@ def sweep_group(sweep_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
-    group = sweep_group(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    if hc.mode == RunMode.MULTIRUN:
+        return run_sweep_job(cfg, hc)
     try:
-        config = validate(OmegaConf.to_object(cfg))
-        check_inputs(config, hc.runtime.output_dir)
-        return TASKS[config.task.name](config, hc.runtime.output_dir, group)
+        return run_task(cfg, hc.runtime.output_dir, group=None)
     except (ConfigError, DataError, CheckpointError) as error:
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
@@ -56,6 +56,26 @@ def main(cfg: DictConfig) -> dict | None:
         log.warning("%s", stopped)
         print(f"stopped: {stopped}", file=sys.stderr)
         hand_on(stopped.signum)
+
+
+def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict:
+    config = validate(OmegaConf.to_object(cfg))
+    check_inputs(config, run_dir)
+    return TASKS[config.task.name](config, run_dir, group)
+
+
+def run_sweep_job(cfg: DictConfig, hc) -> dict:
+    """One job of a multirun: a failure is written to the job's error.txt and the sweep goes on (SweepReport lists
+    the failures at the end); a stop signal still stops the whole process after its checkpoint."""
+    try:
+        return run_task(cfg, hc.runtime.output_dir, group=sweep_group(hc.sweep.dir))
+    except StopRequested as stopped:
+        log.warning("%s", stopped)
+        hand_on(stopped.signum)
+    except Exception as error:  # noqa: BLE001 - any failure of one job is reported, the others go on
+        path = record_failure(hc.runtime.output_dir, error)
+        log.error("job %s failed: %s: %s (see %s)", hc.job.num, type(error).__name__, error, path)
+        return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 
 def hand_on(signum: int) -> None:

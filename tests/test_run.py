@@ -134,3 +134,24 @@ def test_two_by_two_multirun(tmp_path, weights_dir):
         assert logged["state"] == "finished"
     assert seen == {(1.0, 0.0): "vae", (5.0, 0.0): "beta", (1.0, 1.0): "semantic", (5.0, 1.0): "beta-semantic"}
     assert len({wandb_summary(job)["run_id"] for job in jobs}) == 4
+
+
+def test_a_failing_sweep_job_is_reported_and_the_others_finish(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py(
+        "-m",
+        "trainer=smoke",
+        "trainer.epochs=1",
+        "logger=none",
+        "loss.beta=1,-1,5",
+        f"hydra.sweep.dir={sweep}",
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert read_summary(sweep / "0")["status"] == "finished" and read_summary(sweep / "2")["status"] == "finished"
+    assert not (sweep / "1" / "summary.json").exists()
+    assert "loss.beta=-1.0: must be >= 0" in (sweep / "1" / "error.txt").read_text()
+    (failure,) = json.loads((sweep / "failures.json").read_text())
+    assert failure["job"] == "1" and "loss.beta=-1" in failure["overrides"]
+    output = proc.stdout + proc.stderr
+    assert "1 of 3 jobs failed" in output and "job 1 [" in output

@@ -38,7 +38,7 @@ def sweep_group(sweep_dir: str) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def main(cfg: DictConfig) -> dict | list[float] | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         return run_sweep_job(cfg, hc)
@@ -58,13 +58,20 @@ def main(cfg: DictConfig) -> dict | None:
         hand_on(stopped.signum)
 
 
-def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict:
+def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[float]:
+    """Run the chosen task; return its summary, or the ``objectives`` values when a sweeper optimises them."""
     config = validate(OmegaConf.to_object(cfg))
     check_inputs(config, run_dir)
-    return TASKS[config.task.name](config, run_dir, group)
+    summary = TASKS[config.task.name](config, run_dir, group)
+    if config.objectives:
+        missing = [k for k in config.objectives if k not in summary]
+        if missing:
+            raise ConfigError(f"objectives={list(config.objectives)}: not in the run's summary: {', '.join(missing)}")
+        return [float(summary[k]) for k in config.objectives]
+    return summary
 
 
-def run_sweep_job(cfg: DictConfig, hc) -> dict:
+def run_sweep_job(cfg: DictConfig, hc) -> dict | list[float]:
     """One job of a multirun: a failure is written to the job's error.txt and the sweep goes on (SweepReport lists
     the failures at the end); a stop signal still stops the whole process after its checkpoint."""
     try:
@@ -75,6 +82,8 @@ def run_sweep_job(cfg: DictConfig, hc) -> dict:
     except Exception as error:  # noqa: BLE001 - any failure of one job is reported, the others go on
         path = record_failure(hc.runtime.output_dir, error)
         log.error("job %s failed: %s: %s (see %s)", hc.job.num, type(error).__name__, error, path)
+        if cfg.get("objectives"):  # a sweeper that optimises records the trial as failed
+            return [float("nan")] * len(cfg.objectives)
         return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 

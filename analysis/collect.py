@@ -1,18 +1,25 @@
 """Gather runs into a pandas DataFrame: one row per run, config keys flattened, summary metrics beside them.
 
-    from analysis.collect import collect_runs
-    frame = collect_runs("outputs/multirun/2026-11-25/12-00-00")
+    from analysis.collect import load_runs
+    frame = load_runs("outputs/multirun/2026-11-25/12-00-00")   # local run folders (no W&B, no network)
+    frame = load_runs("wandb:my-team/semvae")                   # the same columns, through W&B's public API
 
-Reads only the files every run writes (``config.json``, ``summary.json``), so it needs no W&B and no network.
+Locally only the files every run writes are read (``config.json``, ``summary.json``). Every frame has the columns
+``source`` ("local" or "wandb"), ``run`` (the run's folder, or ``ENTITY/PROJECT/ID`` on W&B), ``run_dir`` (the local
+folder, None for W&B runs), ``status``, ``variant``, the flattened config (``loss.beta``, ``seed``, ...) and the
+summary's metrics (``val/mse``, ``test/gsv_norm_heldout``, ...).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+BASE_COLUMNS = ["source", "run", "run_dir", "status", "variant"]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -27,16 +34,99 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def collect_runs(path: str | Path) -> pd.DataFrame:
-    """Every run below ``path`` (a run dir, a sweep dir or outputs/) that finished with a summary.json.
+def variant_of(beta: float, semantic_weight: float) -> str:
+    """The variant a loss configuration is: vae (1, 0), beta (b != 1, 0), semantic (1, > 0), beta-semantic."""
+    semantic = semantic_weight > 0
+    if beta == 1:
+        return "semantic" if semantic else "vae"
+    return "beta-semantic" if semantic else "beta"
 
-    Columns: ``run_dir``, the flattened config (``loss.beta``, ``seed``, ...) and the summary's metrics
-    (``val/mse``, ...). Runs without a summary (still running, or failed) are left out.
+
+def _row(source: str, run: str, run_dir: str | None, config: dict[str, Any], summary: dict[str, Any]) -> dict:
+    """One run as a flat row; a training run without a recorded variant gets the one its loss weights define."""
+    row = {"source": source, "run": run, "run_dir": run_dir, **flatten(config), **flatten(summary)}
+    trains_a_vae = row.get("task.name", "train") == "train" and "loss.beta" in row and "loss.semantic_weight" in row
+    if row.get("variant") is None and trains_a_vae:
+        row["variant"] = variant_of(row["loss.beta"], row["loss.semantic_weight"])
+    return row
+
+
+def _frame(rows: Iterable[dict[str, Any]], include_unfinished: bool) -> pd.DataFrame:
+    """Rows as a DataFrame with the base columns first; unfinished runs dropped unless asked for."""
+    frame = pd.DataFrame(list(rows))
+    for column in BASE_COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    if not include_unfinished:
+        frame = frame[frame["status"] == "finished"].reset_index(drop=True)
+    return frame[BASE_COLUMNS + [c for c in frame.columns if c not in BASE_COLUMNS]]
+
+
+def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataFrame:
+    """Every run below ``path`` (a run dir, a sweep dir or outputs/) that wrote a summary.json.
+
+    Runs whose summary's ``status`` is not "finished" (e.g. "stopped" by a signal) are left out unless
+    ``include_unfinished``; summaries written before the ``status`` key existed count as finished. Runs without a
+    summary (still running, or failed: see ``failed_runs``) are never included.
     """
     rows = []
     for summary_path in sorted(Path(path).rglob("summary.json")):
         run_dir = summary_path.parent
         config_path = run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        rows.append({"run_dir": str(run_dir), **flatten(config), **json.loads(summary_path.read_text())})
-    return pd.DataFrame(rows)
+        summary = json.loads(summary_path.read_text())
+        summary.setdefault("status", "finished")
+        rows.append(_row("local", str(run_dir), str(run_dir), config, summary))
+    return _frame(rows, include_unfinished)
+
+
+def failed_runs(path: str | Path) -> pd.DataFrame:
+    """Jobs below ``path`` that failed: they left an ``error.txt`` (first line: the error) and no summary."""
+    rows = [
+        {"run_dir": str(error.parent), "error": (error.read_text().splitlines() or [""])[0]}
+        for error in sorted(Path(path).rglob("error.txt"))
+        if not (error.parent / "summary.json").exists()
+    ]
+    return pd.DataFrame(rows, columns=["run_dir", "error"])
+
+
+def _wandb_summary(summary: Any) -> dict[str, Any]:
+    """A W&B run summary as plain values: W&B's own keys (``_step``, ``_runtime``, ...) and media are dropped."""
+    values = dict(getattr(summary, "_json_dict", summary))
+    return {
+        key: value
+        for key, value in values.items()
+        if not key.startswith("_") and not (isinstance(value, dict) and "_type" in value)
+    }
+
+
+def collect_wandb(
+    project: str,
+    entity: str | None = None,
+    filters: dict[str, Any] | None = None,
+    include_unfinished: bool = False,
+) -> pd.DataFrame:
+    """The runs of a W&B project through the public API, with the same columns as ``collect_runs``.
+
+    ``filters`` is W&B's MongoDB-style run filter, e.g. ``{"config.loss.beta": 5}``. A run's status is its
+    summary's ``status`` when it logged one, else W&B's run state ("finished", "crashed", "failed", "running").
+    """
+    import wandb
+
+    path = f"{entity}/{project}" if entity else project
+    rows = []
+    for run in wandb.Api().runs(path, filters=filters):
+        config = {key: value for key, value in dict(run.config).items() if not key.startswith("_")}
+        summary = _wandb_summary(run.summary)
+        summary.setdefault("status", run.state)
+        rows.append(_row("wandb", "/".join(run.path), None, config, summary))
+    return _frame(rows, include_unfinished)
+
+
+def load_runs(source: str | Path, include_unfinished: bool = False) -> pd.DataFrame:
+    """Runs from a local folder, or from W&B when ``source`` is ``wandb:ENTITY/PROJECT`` (or ``wandb:PROJECT``)."""
+    text = str(source)
+    if text.startswith("wandb:"):
+        entity, _, project = text.removeprefix("wandb:").rpartition("/")
+        return collect_wandb(project, entity=entity or None, include_unfinished=include_unfinished)
+    return collect_runs(source, include_unfinished=include_unfinished)

@@ -140,6 +140,7 @@ class TaskConfig:
     name: TaskName = TaskName.train
     export: Optional[str] = None  # copy the final model here, e.g. weights/VAE_epoch50.pth
     overwrite: bool = False  # allow export to replace an existing file
+    evaluate: bool = False  # task=train: evaluate the trained VAE on the test split (evaluation.*) into test/*
 
 
 @dataclass
@@ -156,7 +157,7 @@ class EvaluationConfig:
     interpolation_steps: int = 10
     traversal_range: float = 3.0  # traversals set each latent dim to values in [-range, range]
     traversal_steps: int = 9
-    batch_size: int = 1000
+    batch_size: int = 128
     limit_test: Optional[int] = None  # evaluate on the first N test images only (smoke tests)
     device: str = "auto"
 
@@ -165,6 +166,8 @@ class EvaluationConfig:
 class Config:
     seed: int = 0
     name: str = "VAE"  # run name; the variant presets set it
+    # summary keys run.py returns, in order, for a sweeper to optimise (e.g. Optuna): [test/mse, ...]
+    objectives: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)

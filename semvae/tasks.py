@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -127,9 +128,9 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
             f"(loss.semantic_weight={cfg.loss.semantic_weight}) needs it: train it first with "
             "`python run.py task=classifier`, or point classifier.checkpoint at one"
         )
-    if cfg.task.name == TaskName.evaluate:
+    if cfg.task.name == TaskName.evaluate or (cfg.task.name == TaskName.train and cfg.task.evaluate):
         e = cfg.evaluation
-        needed = {"evaluation.checkpoints": e.checkpoints}
+        needed = {"evaluation.checkpoints": e.checkpoints} if cfg.task.name == TaskName.evaluate else {}
         if "train" in [j.value for j in e.judges]:
             needed["classifier.checkpoint"] = [cfg.classifier.checkpoint]
         if "heldout" in [j.value for j in e.judges]:
@@ -146,8 +147,11 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
 
 
 def _setup(cfg: Config) -> torch.device:
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    threads = cfg.trainer.num_threads
+    if threads is None and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])  # the cores SLURM gave this job, not the node's
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
     return device
@@ -232,6 +236,19 @@ def _tracked_fit(
     return summary
 
 
+# the metrics of the final summary line
+HEADLINE = (
+    "val/loss",
+    "val/mse",
+    "val/accuracy",
+    "test/accuracy",
+    "test/mse",
+    "test/gsv_norm_train",
+    "test/gsv_norm_heldout",
+    "test/gsv_norm_morpho",
+)
+
+
 def _finish(
     cfg: Config,
     tracker: Tracker,
@@ -242,6 +259,7 @@ def _finish(
     """Export the final model if asked, log it as an artifact, write the summary and a one-line report."""
     summary = {
         "status": "finished",
+        "torch_threads": torch.get_num_threads(),
         "epochs": result.epochs,
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
@@ -262,7 +280,7 @@ def _finish(
         result.epochs,
         result.steps,
         result.seconds,
-        ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)),
+        ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if k in HEADLINE),
         final,
         f" (exported to {cfg.task.export})" if cfg.task.export else "",
     )
@@ -364,6 +382,8 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
             image_fn=image_fn,
             **fit_kwargs,
         )
+        if cfg.task.evaluate:
+            extra.update(evaluate_trained(cfg, vae, device, run_dir, tracker))
         return _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
 
     return _tracked_fit(cfg, run_dir, group, variant, extra, {"architecture": architecture}, run)
@@ -414,12 +434,86 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
 TASKS = {TaskName.train: train_vae, TaskName.classifier: train_classifier}
 
 
+@dataclasses.dataclass
+class EvaluationBench:
+    """What every evaluated model is measured against: the test split, the judges, the fixed selection of
+    starting images and pairs, and the morphometrics of the test images (computed once)."""
+
+    cfg: Config
+    test: Split
+    judges: Any
+    selection: Any
+    factors: Tensor | None
+
+    @classmethod
+    def prepare(cls, cfg: Config, device: torch.device) -> EvaluationBench:
+        from semvae import comparison, morpho
+        from semvae.config import JudgeName
+
+        e, d = cfg.evaluation, cfg.data
+        judges = comparison.Judges(morpho=JudgeName.morpho in e.judges)
+        if JudgeName.train in e.judges:
+            judges.classifiers["train"] = load_classifier(cfg, device)
+        if JudgeName.heldout in e.judges:
+            judges.classifiers["heldout"], _ = checkpoints.load_classifier(e.heldout_checkpoint, device)
+        test = load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror)
+        if e.limit_test is not None:
+            test = test.subset(torch.arange(min(e.limit_test, len(test))))
+        test = test.to(device)
+        if e.n_points > len(test):
+            raise ConfigError(f"evaluation.n_points={e.n_points}: the test split has only {len(test)} images")
+        factors = None
+        if judges.morpho:
+            factors = morpho.measure(test.images.cpu())
+            _, judges.morpho_mean, judges.morpho_std = morpho.standardize(factors)
+        selection = comparison.select(test.images, e.n_points, e.n_pairs, e.seed)
+        return cls(cfg, test, judges, selection, factors)
+
+    def evaluate(self, vae: ResNetVAE) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
+        from semvae import comparison
+
+        e = self.cfg.evaluation
+        return comparison.evaluate_model(
+            vae,
+            self.test.images,
+            self.test.labels,
+            self.judges,
+            self.selection,
+            self.factors,
+            seed=e.seed,
+            n_random_directions=e.n_random_directions,
+            steps=list(e.steps),
+            morpho_points=e.morpho_points,
+            interpolation_steps=e.interpolation_steps,
+            traversal_values=torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps),
+            batch_size=e.batch_size,
+        )
+
+
+def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir: Path, tracker: Tracker) -> dict:
+    """The evaluation of METHOD.md for the model a job has just trained: ``test/*`` metrics for its summary,
+    ``latent_norms.npy`` (||mu(x)|| over the test split), interpolation and traversal grids."""
+    import numpy as np
+    from torchvision.utils import save_image
+
+    e = cfg.evaluation
+    log.info("evaluating the trained model on the test split")
+    vae.eval()
+    metrics, images, norms = EvaluationBench.prepare(cfg, device).evaluate(vae)
+    np.save(run_dir / "latent_norms.npy", norms.numpy().astype(np.float32))
+    save_image(images["interpolations"], run_dir / "interpolations.png", nrow=e.interpolation_steps)
+    save_image(images["traversals"], run_dir / "traversals.png", nrow=e.traversal_steps)
+    tracker.log_files(
+        {"test/interpolations": run_dir / "interpolations.png", "test/traversals": run_dir / "traversals.png"}
+    )
+    return {f"test/{k}": v for k, v in metrics.items()}
+
+
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
     """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and JSON."""
     from torchvision.utils import save_image
 
-    from semvae import comparison, morpho
-    from semvae.config import JudgeName
+    from semvae import comparison
     from semvae.tracking import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -432,48 +526,15 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         raise ConfigError(f"evaluation.checkpoints={e.checkpoints}: file names must differ (they name the rows)")
     # load everything first: a wrong file fails before any computation
     models = {name: checkpoints.load_vae(path, device) for name, path in zip(names, e.checkpoints, strict=True)}
-    judges = comparison.Judges(morpho=JudgeName.morpho in e.judges)
-    if JudgeName.train in e.judges:
-        judges.classifiers["train"] = load_classifier(cfg, device)
-    if JudgeName.heldout in e.judges:
-        judges.classifiers["heldout"], _ = checkpoints.load_classifier(e.heldout_checkpoint, device)
-
-    d = cfg.data
-    test = load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror)
-    if e.limit_test is not None:
-        test = test.subset(torch.arange(min(e.limit_test, len(test))))
-    test = test.to(device)
-    if e.n_points > len(test):
-        raise ConfigError(f"evaluation.n_points={e.n_points}: the test split has only {len(test)} images")
+    bench = EvaluationBench.prepare(cfg, device)
     started = time.perf_counter()
-    factors = None
-    if judges.morpho:
-        factors = morpho.measure(test.images.cpu())
-        _, judges.morpho_mean, judges.morpho_std = morpho.standardize(factors)
-    selection = comparison.select(test.images, e.n_points, e.n_pairs, e.seed)
-    values = torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps)
-
     tracker = _tracker(cfg, run_dir, job_type="evaluate", group=group, extra={"models": names})
     try:
         rows, norms = [], {}
         (run_dir / "models").mkdir(exist_ok=True)
         for name, (vae, state) in models.items():
             log.info("evaluating %s (%s)", name, state.get("variant", "?"))
-            metrics, images, norms[name] = comparison.evaluate_model(
-                vae,
-                test.images,
-                test.labels,
-                judges,
-                selection,
-                factors,
-                seed=e.seed,
-                n_random_directions=e.n_random_directions,
-                steps=list(e.steps),
-                morpho_points=e.morpho_points,
-                interpolation_steps=e.interpolation_steps,
-                traversal_values=values,
-                batch_size=e.batch_size,
-            )
+            metrics, images, norms[name] = bench.evaluate(vae)
             row = {
                 "model": name,
                 "variant": state.get("variant"),
@@ -498,7 +559,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         comparison.latent_norm_figure(norms, {r["model"]: r["latent_dim"] for r in rows}, run_dir / "latent_norms.png")
         comparison.gsv_figure(rows, run_dir / "gsv.png")
         seconds = time.perf_counter() - started
-        summary = {"eval_seconds": round(seconds, 2), "n_test": len(test), "models": names}
+        summary = {"eval_seconds": round(seconds, 2), "n_test": len(bench.test), "models": names}
         summary |= {f"{r['model']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, int | float)}
         tracker.update_summary(summary)
         tracker.log_table("comparison", frame)
@@ -510,7 +571,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     log.info(
         "evaluated %d models on %d test images in %.1fs; table: %s\n%s",
         len(rows),
-        len(test),
+        len(bench.test),
         seconds,
         run_dir / "comparison.md",
         comparison.markdown_table(rows),

@@ -1,0 +1,155 @@
+"""Figures over a runs DataFrame (``analysis.collect``), drawn with seaborn and written as PNG.
+
+Each function takes the frame and the file to write and returns that path. Figures are built on
+``matplotlib.figure.Figure`` (rendered by Agg when saved), never through pyplot's global state, so they work headless
+and leave a notebook's backend alone. A figure the data cannot support raises ``FigureSkipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from scipy import stats
+
+from analysis.tables import variant_rank
+
+BETA, SEMANTIC_WEIGHT = "loss.beta", "loss.semantic_weight"
+DPI = 120
+
+
+class FigureSkipped(ValueError):
+    """The runs do not hold what a figure needs; the message says what is missing."""
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _hue_order(variants: pd.Series) -> list[str]:
+    """Variants present, in the usual order (vae, beta, semantic, ...), unknown ones after."""
+    return sorted(variants.dropna().unique(), key=lambda v: (variant_rank(v), v))
+
+
+def metric_grid(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean of ``metric`` over seeds on the grid ``loss.beta`` (rows) x ``loss.semantic_weight`` (columns)."""
+    return frame.pivot_table(index=BETA, columns=SEMANTIC_WEIGHT, values=metric, aggfunc="mean").sort_index()
+
+
+def heatmaps(
+    frame: pd.DataFrame, path: str | Path, metrics: Sequence[str] = ("test/mse", "test/gsv_norm_heldout")
+) -> Path:
+    """One annotated heatmap per metric: its mean over seeds for each (beta, semantic weight) of a sweep.
+
+    Needs at least two values of each loss weight among the runs that have the metric.
+    """
+    missing = [key for key in (BETA, SEMANTIC_WEIGHT) if key not in frame]
+    if missing:
+        raise FigureSkipped(f"no {', '.join(missing)} column in the runs")
+    grids, reasons = {}, []
+    for metric in metrics:
+        runs = frame.dropna(subset=[metric]) if metric in frame else frame.iloc[:0]
+        if runs.empty:
+            reasons.append(f"no run has {metric}")
+            continue
+        few = [f"{key} = {sorted(runs[key].unique())}" for key in (BETA, SEMANTIC_WEIGHT) if runs[key].nunique() < 2]
+        if few:
+            reasons.append(f"{metric}: a single value of {' and '.join(few)}")
+            continue
+        grids[metric] = metric_grid(runs, metric)
+    if not grids:
+        raise FigureSkipped("; ".join(reasons))
+    fig = Figure(figsize=(4.6 * len(grids), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, len(grids)))
+    for ax, (metric, grid) in zip(axes, grids.items(), strict=True):
+        sns.heatmap(grid, annot=True, fmt=".3g", cmap="viridis", cbar_kws={"label": metric}, ax=ax)
+        ax.invert_yaxis()  # smallest beta at the bottom, as on a plot's y axis
+        ax.set_title(f"{metric} (mean over seeds)")
+        ax.set_xlabel("semantic weight")
+        ax.set_ylabel("beta")
+    return _save(fig, path)
+
+
+def pareto_mask(frame: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Which rows are Pareto-optimal when both ``x`` and ``y`` are to be minimised.
+
+    A row is optimal when no other row is at least as low on both and strictly lower on one; equal points are all
+    optimal; rows missing ``x`` or ``y`` are not.
+    """
+    points = frame[[x, y]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    valid = ~np.isnan(points).any(axis=1)
+    px, py = points[:, 0], points[:, 1]
+    no_worse = (px[None, :] <= px[:, None]) & (py[None, :] <= py[:, None])  # [i, j]: j is as good as i on both
+    better = (px[None, :] < px[:, None]) | (py[None, :] < py[:, None])
+    dominated = (no_worse & better & valid[None, :]).any(axis=1)
+    return pd.Series(valid & ~dominated, index=frame.index, name="pareto")
+
+
+def pareto_front(frame: pd.DataFrame, path: str | Path, x: str = "test/mse", y: str = "test/gsv_norm_heldout") -> Path:
+    """Every run as a point (colour: variant), the Pareto-optimal runs (lower is better on both) ringed and joined."""
+    missing = [key for key in (x, y) if key not in frame]
+    if missing:
+        raise FigureSkipped(f"no run has {', '.join(missing)}")
+    runs = frame.dropna(subset=[x, y])
+    if len(runs) < 2:
+        raise FigureSkipped(f"{len(runs)} run(s) with both {x} and {y}; a front needs at least 2")
+    front = runs[pareto_mask(runs, x, y)].sort_values(x)
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
+    hue = "variant" if "variant" in runs else None
+    order = _hue_order(runs["variant"]) if hue else None
+    sns.scatterplot(data=runs, x=x, y=y, hue=hue, hue_order=order, s=45, alpha=0.85, ax=ax)
+    ax.plot(front[x], front[y], color="black", lw=1, drawstyle="steps-post", zorder=1)
+    ax.scatter(front[x], front[y], s=140, facecolors="none", edgecolors="black", lw=1.2, label="Pareto-optimal")
+    ax.set_title("trade-off over runs (lower is better on both)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def load_latent_norms(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``latent_norms.npy`` of every run of ``frame`` that has one, long format: run_dir, variant, norm."""
+    parts = []
+    for _, run in frame.iterrows():
+        run_dir = run.get("run_dir")
+        file = Path(run_dir) / "latent_norms.npy" if isinstance(run_dir, str) else None
+        if file is not None and file.exists():
+            norms = np.load(file).astype(float).ravel()
+            parts.append(pd.DataFrame({"run_dir": run_dir, "variant": run.get("variant"), "norm": norms}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run_dir", "variant", "norm"])
+
+
+def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Density of ||mu(x)|| per variant (pooled over the runs' ``latent_norms.npy``), with the prior's norm
+    distribution chi(L) for each latent size L = ``model.latent_dim`` as a dashed reference."""
+    norms = load_latent_norms(frame)
+    if norms.empty:
+        raise FigureSkipped("no run folder has a latent_norms.npy (written when a run is evaluated)")
+    with_norms = frame[frame["run_dir"].isin(set(norms["run_dir"]))]
+    dims = sorted(int(d) for d in with_norms.get("model.latent_dim", pd.Series(dtype=float)).dropna().unique())
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    order = _hue_order(norms["variant"])
+    sns.kdeplot(data=norms, x="norm", hue="variant", hue_order=order, common_norm=False, fill=True, alpha=0.2, ax=ax)
+    top = max([float(norms["norm"].max())] + [2 * np.sqrt(d) for d in dims])
+    r = np.linspace(0, top * 1.05, 400)
+    handles, labels = [], []
+    legend = ax.get_legend()
+    if legend is not None:  # seaborn's variant legend, to be merged with the prior lines
+        handles, labels = list(legend.legend_handles), [t.get_text() for t in legend.get_texts()]
+        legend.remove()
+    for dim in dims:
+        (line,) = ax.plot(r, stats.chi(dim).pdf(r), "k--", lw=1)
+        handles.append(line)
+        labels.append(f"prior: chi({dim})")
+    ax.legend(handles, labels, fontsize=8)
+    ax.set_xlabel("||mu(x)|| on the test split")
+    ax.set_ylabel("density")
+    return _save(fig, path)

@@ -1,0 +1,122 @@
+"""One report over a folder of runs: ``report.md`` (counts, comparison table, figures) plus the table as CSV and
+the figures as PNG.
+
+    python -m analysis.report outputs/multirun/2026-11-25/12-00-00            # writes into that folder
+    python -m analysis.report outputs --out reports/all                       # every run below outputs/
+    python -m analysis.report wandb:ENTITY/PROJECT --out reports/wandb         # the runs of a W&B project
+
+A figure the runs cannot support (a single beta for the heatmaps, no ``latent_norms.npy``) is skipped and the
+report says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures
+from analysis.collect import failed_runs, load_runs
+from analysis.tables import comparison_table, to_markdown, variant_rank
+
+# Config keys that split the comparison when they take more than one value among the runs.
+GROUP_CANDIDATES = ("loss.beta", "loss.semantic_weight", "model.latent_dim", "data.name")
+FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {
+    "heatmaps": figures.heatmaps,
+    "pareto_front": figures.pareto_front,
+    "latent_norms": figures.latent_norm_distributions,
+}
+
+
+def grouping_keys(frame: pd.DataFrame, candidates: Sequence[str] = GROUP_CANDIDATES) -> list[str]:
+    """``variant`` plus each candidate config key that varies among the runs, so that runs of one row differ only in
+    their seed."""
+    return ["variant"] + [key for key in candidates if key in frame and frame[key].nunique() > 1]
+
+
+def _counts(source: str, runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
+    """The report's header lines: what was read and how many runs, failures and seeds it holds."""
+    finished = runs[runs["status"] == "finished"]
+    unfinished = runs[runs["status"] != "finished"]
+    seeds = sorted(finished["seed"].dropna().unique()) if "seed" in finished else []
+    seeds = [int(s) if float(s).is_integer() else s for s in seeds]
+    counts = finished["variant"].value_counts()
+    variants = sorted(counts.items(), key=lambda item: (variant_rank(item[0]), item[0]))
+    lines = [
+        f"Runs read from `{source}`.",
+        "",
+        f"- finished runs: {len(finished)}" + (f" ({', '.join(f'{k}: {v}' for k, v in variants)})" if variants else ""),
+        f"- unfinished runs (left out): {len(unfinished)}"
+        + (f" ({', '.join(sorted(unfinished['status'].astype(str).unique()))})" if len(unfinished) else ""),
+        f"- failed jobs (error.txt): {len(failed)}",
+        f"- seeds: {len(seeds)}" + (f" ({', '.join(str(s) for s in seeds)})" if seeds else ""),
+    ]
+    return lines
+
+
+def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
+    if failed.empty:
+        return []
+    lines = ["", "## Failed jobs", ""]
+    for _, job in failed.iterrows():
+        where = Path(job["run_dir"])
+        lines.append(f"- `{where.relative_to(root) if where.is_relative_to(root) else where}`: {job['error']}")
+    return lines
+
+
+def write_report(source: str | Path, out: str | Path | None = None, confidence: float = 0.95) -> Path:
+    """Write ``report.md``, ``comparison.csv`` and the figures' PNGs for the runs of ``source`` (a folder, or
+    ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path."""
+    source = str(source)
+    local = not source.startswith("wandb:")
+    if out is None and not local:
+        raise ValueError("a W&B source needs an output folder")
+    out = Path(out if out is not None else source)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(source, include_unfinished=True)
+    failed = failed_runs(source) if local else pd.DataFrame(columns=["run_dir", "error"])
+    vaes = runs[(runs["status"] == "finished") & (runs["variant"] != "classifier")]
+
+    lines = ["# Run report", "", *_counts(source, runs, failed), ""]
+    by = grouping_keys(vaes)
+    table = comparison_table(vaes, by=by, confidence=confidence)
+    lines += [f"## Comparison (mean ± {confidence:.0%} t-interval half-width over seeds; n = runs)", ""]
+    if table.empty:
+        lines.append("No finished VAE run with metrics to compare.")
+    else:
+        table.to_csv(out / "comparison.csv")
+        lines += [to_markdown(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+
+    lines += ["", "## Figures", ""]
+    for name, draw in FIGURES.items():
+        try:
+            written = draw(vaes, out / f"{name}.png")
+        except figures.FigureSkipped as skipped:
+            lines += [f"### {name}", "", f"Skipped: {skipped}.", ""]
+        else:
+            lines += [f"### {name}", "", f"![{name}]({written.name})", ""]
+    lines += _failures(failed, Path(source))
+
+    report = out / "report.md"
+    report.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write report.md, comparison.csv and figures for a folder of runs.")
+    parser.add_argument("path", help="a run, a sweep folder, outputs/, or wandb:ENTITY/PROJECT")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH; needed for W&B)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="of the t-intervals (default: 0.95)")
+    args = parser.parse_args(argv)
+    if args.path.startswith("wandb:"):
+        if args.out is None:
+            parser.error("--out is needed with a W&B source")
+    elif not Path(args.path).is_dir():
+        parser.error(f"{args.path}: no such folder")
+    print(write_report(args.path, args.out, args.confidence))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Comparison tables: per group of runs (a variant, a loss setting), the mean of each metric over seeds with the
+half-width of its t-interval, as a DataFrame, Markdown or CSV.
+
+    table = comparison_table(frame, by="variant", metrics=["test/mse", "test/gsv_norm_heldout"])
+    print(to_markdown(table))
+    table.to_csv("comparison.csv")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+# Reported when present, in this order: test-split evaluation first, validation losses as a fallback.
+DEFAULT_METRICS = (
+    "test/mse",
+    "test/neg_elbo",
+    "test/gsv_norm_train",
+    "test/gsv_norm_heldout",
+    "test/gsv_norm_morpho",
+    "test/active_units",
+    "test/recon_accuracy",
+    "test/mig",
+    "test/dci_disentanglement",
+    "val/mse",
+    "val/neg_elbo",
+)
+VARIANT_ORDER = ("vae", "beta", "semantic", "beta-semantic", "classifier")
+STATS = ("mean", "half_width", "n")
+
+
+def available_metrics(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> list[str]:
+    """The metrics of ``metrics`` that at least one run of ``frame`` has a number for."""
+    return [m for m in metrics if m in frame and pd.to_numeric(frame[m], errors="coerce").notna().any()]
+
+
+def t_half_width(values: pd.Series, confidence: float = 0.95) -> float:
+    """Half-width of the t-interval for the mean: t_{(1+c)/2, n-1} * s / sqrt(n); NaN for fewer than 2 values."""
+    values = values.dropna()
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def variant_rank(name: object) -> int:
+    """Position of a variant in the usual order (vae, beta, semantic, beta-semantic, classifier); others last."""
+    return VARIANT_ORDER.index(name) if name in VARIANT_ORDER else len(VARIANT_ORDER)
+
+
+def _group_order(index: pd.Index) -> list:
+    """Groups sorted with the variants in their usual order (vae, beta, semantic, ...), then by the other keys."""
+
+    def key(label) -> tuple:
+        labels = label if isinstance(label, tuple) else (label,)
+        return (variant_rank(labels[0]), *[(str(type(v)), v) for v in labels])
+
+    return sorted(index, key=key)
+
+
+def comparison_table(
+    frame: pd.DataFrame,
+    by: str | Sequence[str] = "variant",
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """One row per group of ``by``; columns ``(metric, stat)`` with stat in ("mean", "half_width", "n").
+
+    ``half_width`` is that of the ``confidence`` t-interval over the group's runs (seeds), NaN for n = 1; ``n``
+    counts the runs with a value for that metric. ``metrics`` defaults to the ``DEFAULT_METRICS`` present; runs
+    with none of the metrics (e.g. classifiers in a VAE comparison) are left out.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = available_metrics(frame) if metrics is None else list(metrics)
+    data = frame[by + metrics].copy()
+    if metrics:
+        data[metrics] = data[metrics].apply(pd.to_numeric, errors="coerce")
+        data = data.dropna(subset=metrics, how="all")
+    if not metrics or data.empty:
+        return pd.DataFrame(columns=pd.MultiIndex.from_product([metrics, STATS]), index=pd.Index([], name=by[0]))
+    groups = data.groupby(by if len(by) > 1 else by[0], dropna=False)
+    aggregations = {"mean": "mean", "half_width": lambda v: t_half_width(v, confidence), "n": "count"}
+    table = pd.concat({metric: groups[metric].agg(**aggregations) for metric in metrics}, axis=1)
+    return table.loc[_group_order(table.index)]
+
+
+def _number(value: float, digits: int = 4) -> str:
+    """``digits`` significant digits, without scientific notation for ordinary magnitudes."""
+    if not np.isfinite(value):
+        return "nan"
+    return f"{value:.{digits}g}"
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A Markdown table of a ``comparison_table``: the group keys, ``n`` (the most runs any metric has), and one
+    "mean ± half-width" cell per metric (the mean alone when n = 1; "(n=k)" added where a metric has fewer runs)."""
+    keys = list(table.index.names)
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    header = [str(k) for k in keys] + ["n"] + metrics
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for label, row in table.iterrows():
+        labels = label if isinstance(label, tuple) else (label,)
+        n = int(max(row[(m, "n")] for m in metrics)) if metrics else 0
+        cells = []
+        for metric in metrics:
+            mean, half, count = row[(metric, "mean")], row[(metric, "half_width")], int(row[(metric, "n")])
+            cell = _number(mean, digits) if count else ""
+            if np.isfinite(half):
+                cell += f" ± {_number(half, 2)}"
+            if 0 < count < n:
+                cell += f" (n={count})"
+            cells.append(cell)
+        lines.append("| " + " | ".join([str(v) for v in labels] + [str(n)] + cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -157,7 +157,7 @@ class EvaluationConfig:
     interpolation_steps: int = 10
     traversal_range: float = 3.0  # traversals set each latent dim to values in [-range, range]
     traversal_steps: int = 9
-    batch_size: int = 128
+    batch_size: int = 512
     limit_test: Optional[int] = None  # evaluate on the first N test images only (smoke tests)
     device: str = "auto"
 

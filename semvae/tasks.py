@@ -456,6 +456,8 @@ class EvaluationBench:
             judges.classifiers["train"] = load_classifier(cfg, device)
         if JudgeName.heldout in e.judges:
             judges.classifiers["heldout"], _ = checkpoints.load_classifier(e.heldout_checkpoint, device)
+        for net in judges.classifiers.values():
+            net.to(memory_format=torch.channels_last)
         test = load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror)
         if e.limit_test is not None:
             test = test.subset(torch.arange(min(e.limit_test, len(test))))

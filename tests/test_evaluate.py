@@ -122,3 +122,23 @@ def test_traversals_change_one_latent_dim_per_row():
 def test_mean_and_se():
     mean, se = ev.mean_and_se(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert mean == 2.5 and se == pytest.approx(torch.tensor([1.0, 2, 3, 4]).std().item() / 2)
+
+
+def test_gsv_is_the_same_with_channels_last_models():
+    from semvae.models import Classifier, freeze
+
+    vae = ResNetVAE(4, (4, 8, 8), 1).eval()
+    judge = freeze(Classifier((4, 8, 8), 1))
+    z = torch.randn(20, 4, generator=torch.Generator().manual_seed(4))
+    d = ev.evaluation_directions(4, 2, seed=2)
+
+    def gsv():
+        decode = lambda c: torch.sigmoid(vae.decode(c))  # noqa: E731
+        return ev.global_semantic_variance(decode, {"j": judge.features}, z, d, [1.0, 2.0], batch_size=64)["j"]
+
+    plain = gsv()
+    vae.to(memory_format=torch.channels_last)
+    judge.to(memory_format=torch.channels_last)
+    fast = gsv()
+    assert torch.allclose(plain["raw"], fast["raw"], rtol=1e-3, atol=1e-9)
+    assert torch.allclose(plain["norm"], fast["norm"], rtol=1e-3, atol=1e-6)

@@ -46,6 +46,11 @@ class LrSchedule(str, Enum):
     cosine = "cosine"  # per step, from trainer.lr down to 0 at the last step
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # bfloat16 autocast for the training step; fp32 weights, optimiser state and loss reductions
+
+
 class LoggerMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -106,6 +111,8 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_schedule: LrSchedule = LrSchedule.constant
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.fp32
+    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPUs and tensor cores)
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 50  # optimiser steps between reads of the running losses (the only host syncs)
     checkpoint_every: Optional[int] = 500  # steps between mid-epoch checkpoints (at the next log point); null: epochs

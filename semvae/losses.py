@@ -81,8 +81,8 @@ def semantic_loss(
     if base_logits is None:
         logits = decode(torch.cat([z, shifted]))
     else:
-        logits = torch.cat([base_logits, decode(shifted)])
-    phi = features(torch.sigmoid(logits))
+        logits = torch.cat([base_logits.to(shifted.dtype), decode(shifted).to(shifted.dtype)])
+    phi = features(torch.sigmoid(logits)).float()
     base, moved = phi[:m], phi[m:].reshape(k, m, -1)
     return semantic_variance(moved - base.unsqueeze(0), normalize=normalize, eps=eps)
 
@@ -105,16 +105,22 @@ def vae_objective(
     the first ``n_points`` codes of the batch (all when None) and reuses their decoder pass from the
     reconstruction term. ``noise`` replaces the reparameterisation noise (for repeatable validation).
     """
-    mu, logvar = vae.encode(x)
+    mu, logvar = (t.float() for t in vae.encode(x))  # reductions in fp32 also under reduced-precision autocast
     eps_z = torch.randn_like(mu) if noise is None else noise
     z = mu + torch.exp(0.5 * logvar) * eps_z
-    logits = vae.decode(z)
+    logits = vae.decode(z).float()
     recon, kl = bernoulli_nll(logits, x), gaussian_kl(mu, logvar)
     terms = {"recon": recon, "kl": kl}
     loss = recon + beta * kl
     if features is not None and directions is not None:
         m = z.shape[0] if n_points is None else min(n_points, z.shape[0])
-        semantic = semantic_loss(vae.decode, features, z[:m], directions, normalize, eps, base_logits=logits[:m])
+        # always in fp32: the feature changes it compares are small, and bfloat16 rounding of phi swamps them
+        # (under autocast the unshifted codes are decoded again in fp32 rather than reused)
+        reduced = torch.is_autocast_enabled(z.device.type)
+        with torch.autocast(z.device.type, enabled=False):
+            semantic = semantic_loss(
+                vae.decode, features, z[:m], directions, normalize, eps, base_logits=None if reduced else logits[:m]
+            )
         terms["semantic"] = semantic
         loss = loss + semantic_weight * semantic
     terms["loss"] = loss

@@ -201,6 +201,7 @@ def _fit_kwargs(cfg: Config, run_dir: Path, tracker: Tracker, resume: Path | Non
         limit_eval_batches=t.limit_eval_batches,
         progress=t.progress,
         resume=resume,
+        precision=t.precision.value,
     )
 
 
@@ -302,6 +303,10 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     m, loss, sem = cfg.model, cfg.loss, cfg.loss.semantic
     vae = ResNetVAE(m.latent_dim, m.widths, m.blocks).to(device)
     phi = load_classifier(cfg, device) if loss.semantic_weight > 0 else None
+    if cfg.trainer.channels_last:
+        for net in (vae, phi):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
     variant = variant_of(loss.beta, loss.semantic_weight)
 
     direction_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -397,6 +402,8 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
     device = _setup(cfg)
     train, val = _data(cfg, device)
     model = Classifier(c.widths, c.blocks).to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
 
     def step_fn(net: Classifier, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         x = random_shift(x, c.augment_shift) if c.augment_shift else x

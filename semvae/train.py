@@ -100,6 +100,13 @@ def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
         raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): {listed}")
 
 
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast on the training device for ``precision="bf16"``; a no-op context for "fp32"."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}: allowed values: fp32, bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 class StopRequested(RuntimeError):
     """The run was asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a kill or a cluster's preemption notice) and saved a
     checkpoint to continue from."""
@@ -168,6 +175,7 @@ def fit(
     image_fn: ImageFn | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     stop: StopFlag | None = None,
+    precision: str = "fp32",
 ) -> FitResult:
     """Train ``model`` with Adam on ``train`` (a Split on the training device) and validate on ``val`` each epoch.
 
@@ -180,6 +188,9 @@ def fit(
     ``checkpoint_every`` steps; it records the position in the epoch, so ``resume`` continues exactly where it was
     written. When ``stop`` is set by a signal, the loop finishes the current step, writes ``last.pt`` and raises
     StopRequested.
+
+    ``precision="bf16"`` runs the training step under bfloat16 autocast (weights, optimiser and loss reductions
+    stay fp32); validation always runs in fp32.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +279,8 @@ def fit(
                 break
             if i < position:
                 continue
-            terms = step_fn(model, train.images[index], train.labels[index])
+            with autocast(train.images.device, precision):
+                terms = step_fn(model, train.images[index], train.labels[index])
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()

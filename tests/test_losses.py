@@ -126,3 +126,32 @@ def test_vae_objective_combines_terms_with_beta_and_lambda():
     plain = vae_objective(vae, x, beta=1.0, semantic_weight=0.0, noise=noise)
     assert "semantic" not in plain
     assert plain["loss"].item() == pytest.approx((plain["recon"] + plain["kl"]).item(), rel=1e-6)
+
+
+def test_the_fast_path_computes_the_same_loss():
+    """bf16 autocast with channels-last models (trainer.precision=bf16, trainer.channels_last=true) against the
+    plain fp32 computation: same weights, noise, directions and batch."""
+    from semvae.models import Classifier, freeze
+
+    torch.manual_seed(0)
+    vae, phi = ResNetVAE(16, (16, 32, 64), 1), freeze(Classifier((16, 32, 64), 1))
+    x = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.6).float()
+    noise = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    d = sample_directions(4, 16, "random", 1.0, torch.Generator().manual_seed(3), "cpu")
+
+    def terms():
+        out = vae_objective(vae, x, 1.0, 10.0, phi.features, d, n_points=32, noise=noise)
+        vae.zero_grad()
+        out["loss"].backward()
+        grad = torch.cat([p.grad.flatten() for p in vae.parameters()])
+        return {k: v.item() for k, v in out.items()}, grad
+
+    plain, plain_grad = terms()
+    vae.to(memory_format=torch.channels_last)
+    phi.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, fast_grad = terms()
+    for key in ("recon", "kl", "loss"):
+        assert fast[key] == pytest.approx(plain[key], rel=0.02), key
+    assert fast["semantic"] == pytest.approx(plain["semantic"], rel=0.1, abs=0.02)
+    assert F.cosine_similarity(plain_grad, fast_grad, dim=0).item() > 0.95

@@ -1,0 +1,43 @@
+"""The throughput benchmark runs end to end and reports every number it promises (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import DATA_DIR, ROOT
+
+
+def test_throughput_benchmark_writes_its_table(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.throughput",
+            "--steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--peak-seconds",
+            "0.2",
+            "--device",
+            "cpu",
+            "--data",
+            str(DATA_DIR),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(results["train"]) == {"vae", "semantic"}
+    for paths in results["train"].values():
+        assert set(paths) == {"reference", "project fp32", "project bf16"} and all(v > 0 for v in paths.values())
+    # a semantic step does strictly more work than a plain one: K*M extra decodes and (K+1)*M judge passes
+    assert results["flops_per_image"]["semantic"] > 1.5 * results["flops_per_image"]["vae"] > 0
+    assert results["peak_gflops"]["fp32"] > 0 and results["eval_points_directions_per_s"] > 0
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| semantic | project bf16 |" in table and "share of bf16 peak" in table

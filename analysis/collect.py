@@ -19,6 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from semvae.losses import variant_of
+
 BASE_COLUMNS = ["source", "run", "run_dir", "status", "variant"]
 
 
@@ -32,14 +34,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = tuple(value) if isinstance(value, list) else value
     return flat
-
-
-def variant_of(beta: float, semantic_weight: float) -> str:
-    """The variant a loss configuration is: vae (1, 0), beta (b != 1, 0), semantic (1, > 0), beta-semantic."""
-    semantic = semantic_weight > 0
-    if beta == 1:
-        return "semantic" if semantic else "vae"
-    return "beta-semantic" if semantic else "beta"
 
 
 def _row(source: str, run: str, run_dir: str | None, config: dict[str, Any], summary: dict[str, Any]) -> dict:

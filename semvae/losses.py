@@ -13,6 +13,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
+def variant_of(beta: float, semantic_weight: float) -> str:
+    """The variant a loss setting amounts to: vae (1, 0), beta (b != 1, 0), semantic (1, > 0), beta-semantic."""
+    if semantic_weight > 0:
+        return "semantic" if beta == 1 else "beta-semantic"
+    return "vae" if beta == 1 else "beta"
+
+
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """Bernoulli negative log-likelihood of ``x`` under ``logits``, summed over pixels, mean over the batch."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]

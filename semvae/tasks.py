@@ -21,19 +21,12 @@ from torch.nn import functional as F
 from semvae import checkpoints
 from semvae.config import Config, ConfigError, TaskName
 from semvae.data import Split, load_split, random_shift, train_val_split
-from semvae.losses import sample_directions, vae_objective
+from semvae.losses import sample_directions, vae_objective, variant_of
 from semvae.models import Classifier, ResNetVAE
 from semvae.tracking import Tracker
 from semvae.train import FitResult, StopFlag, StopRequested, fit, seed_everything, validate
 
 log = logging.getLogger(__name__)
-
-
-def variant_of(beta: float, semantic_weight: float) -> str:
-    """The variant a loss setting amounts to: vae (1, 0), beta (b, 0), semantic (1, l) or beta-semantic."""
-    if semantic_weight > 0:
-        return "semantic" if beta == 1 else "beta-semantic"
-    return "vae" if beta == 1 else "beta"
 
 
 def as_plain(obj: Any) -> Any:

@@ -1,0 +1,83 @@
+"""The record kept next to the shipped models: ``weights/manifest.json``.
+
+For every model file in ``weights/``: its SHA-256, what it is, how it was made (commit, epochs, data), and one
+number measured on a fixed slice of the test split (the first ``SLICE`` images): per-pixel reconstruction MSE for a
+VAE, accuracy for a classifier. ``tests/test_weights.py`` loads each file and checks that number again.
+
+    python -m semvae.manifest            # (re)write weights/manifest.json for the files in weights/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semvae import checkpoints
+from semvae.data import Split, load_split
+
+SLICE = 1000  # the first test images
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def check_value(path: str | Path, test: Split) -> tuple[str, float]:
+    """(metric, value) of a model file on ``test``: "mse" for a VAE, "accuracy" for a classifier."""
+    kind = checkpoints.load(path).get("kind")
+    if kind == "vae":
+        vae, _ = checkpoints.load_vae(path)
+        recon = torch.sigmoid(vae.decode(vae.encode(test.images)[0]))
+        return "mse", (recon - test.images).pow(2).mean().item()
+    if kind == "classifier":
+        net, _ = checkpoints.load_classifier(path)
+        return "accuracy", (net(test.images).argmax(1) == test.labels).float().mean().item()
+    raise checkpoints.CheckpointError(f"{path}: unknown model kind {kind!r}")
+
+
+def entry(path: Path, test: Split) -> dict[str, Any]:
+    state = checkpoints.load(path)
+    metric, value = check_value(path, test)
+    summary = state.get("summary", {})
+    return {
+        "sha256": sha256(path),
+        "kind": state.get("kind"),
+        "variant": state.get("variant"),
+        "architecture": state.get("architecture"),
+        "epochs": summary.get("epochs"),
+        "n_train": state.get("n_train"),
+        "commit": state.get("commit"),
+        "dirty": state.get("dirty"),
+        "created": state.get("created"),
+        "check": {"metric": metric, "test_slice": [0, len(test)], "value": value},
+    }
+
+
+def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
+    weights_dir = Path(weights_dir)
+    test = load_split("mnist", data_root, train=False, download=False)
+    test = test.subset(torch.arange(SLICE))
+    manifest = {p.name: entry(p, test) for p in sorted(weights_dir.glob("*.pth"))}
+    path = weights_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description="Write weights/manifest.json")
+    parser.add_argument("--weights", default=str(root / "weights"))
+    parser.add_argument("--data", default=os.environ.get("SEMVAE_DATA_DIR", str(root / "data")))
+    args = parser.parse_args(argv)
+    print(write_manifest(args.weights, args.data))
+
+
+if __name__ == "__main__":
+    main()

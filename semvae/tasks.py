@@ -304,23 +304,29 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
 
     direction_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-    def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
+    def objective(model: ResNetVAE, x: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> dict:
+        """The training loss of METHOD.md; K fresh directions from ``generator`` when the semantic term is on."""
         directions = None
         if phi is not None:
             directions = sample_directions(
-                sem.n_directions, m.latent_dim, sem.directions.value, sem.step, direction_gen, device
+                sem.n_directions, m.latent_dim, sem.directions.value, sem.step, generator, device
             )
+        features = phi.features if phi is not None else None
         return vae_objective(
             model,
             x,
             loss.beta,
             loss.semantic_weight,
-            phi.features if phi else None,
+            features,
             directions,
             sem.n_points,
             sem.normalize,
             sem.eps,
+            noise=noise,
         )
+
+    def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
+        return objective(model, x, direction_gen)
 
     # validation sees the same noise and directions every epoch, so its numbers are comparable across epochs
     val_seed = cfg.seed + 2
@@ -328,21 +334,7 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     def eval_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(val_seed)
         noise = torch.randn(x.shape[0], m.latent_dim, generator=g).to(device)
-        directions = None
-        if phi is not None:
-            directions = sample_directions(sem.n_directions, m.latent_dim, sem.directions.value, sem.step, g, device)
-        terms = vae_objective(
-            model,
-            x,
-            loss.beta,
-            loss.semantic_weight,
-            phi.features if phi else None,
-            directions,
-            sem.n_points,
-            sem.normalize,
-            sem.eps,
-            noise=noise,
-        )
+        terms = objective(model, x, g, noise=noise)
         mu, _ = model.encode(x)
         terms["neg_elbo"] = terms["recon"] + terms["kl"]
         terms["mse"] = F.mse_loss(torch.sigmoid(model.decode(mu)), x)

@@ -40,14 +40,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o644)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
 class Tracker:
@@ -137,11 +142,7 @@ class Tracker:
             return
         lines = self.metrics_path.read_text().splitlines()
         kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=self.run_dir)
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic("".join(line + "\n" for line in kept), self.metrics_path)
 
     def log_images(self, images: dict[str, Tensor], step: int, nrow: int = 8) -> None:
         """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log it to W&B."""

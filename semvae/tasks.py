@@ -400,6 +400,7 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
 
     architecture = {"widths": list(c.widths), "blocks": c.blocks, "feature_dim": model.feature_dim}
     extra = {"variant": "classifier", "classifier": c.name, "n_train": len(train), "n_val": len(val)}
+    made_by = checkpoints.provenance(cfg.paths.root_dir)  # the tree the run started from, as for the VAE
 
     def run(tracker: Tracker, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
         result = fit(
@@ -416,7 +417,7 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
             "architecture": architecture,
             "config": as_plain(cfg),
             **extra,
-            **checkpoints.provenance(cfg.paths.root_dir),
+            **made_by,
         }
         return _finish(cfg, tracker, result, model_file, extra)
 

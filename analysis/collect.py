@@ -4,7 +4,9 @@
     frame = load_runs("outputs/multirun/2026-11-25/12-00-00")   # local run folders (no W&B, no network)
     frame = load_runs("wandb:my-team/semvae")                   # the same columns, through W&B's public API
 
-Locally only the files every run writes are read (``config.json``, ``summary.json``). Every frame has the columns
+Locally only the files every run writes are read (``config.json``, ``summary.json``), plus, in the folder of a
+``task=evaluate`` run (or the ``evaluation`` stage of ``experiment=reproduce``), one row per evaluated model from
+``models/<name>.json``: its training config and its metrics as ``test/*``. Every frame has the columns
 ``source`` ("local" or "wandb"), ``run`` (the run's folder, or ``ENTITY/PROJECT/ID`` on W&B), ``run_dir`` (the local
 folder, None for W&B runs), ``status``, ``variant``, the flattened config (``loss.beta``, ``seed``, ...) and the
 summary's metrics (``val/mse``, ``test/gsv_norm_heldout``, ...).
@@ -63,7 +65,7 @@ def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataF
     ``include_unfinished``; summaries written before the ``status`` key existed count as finished. Runs without a
     summary (still running, or failed: see ``failed_runs``) are never included.
     """
-    rows = []
+    rows = [_evaluated_row(file) for file in sorted(Path(path).rglob("models/*.json"))]
     for summary_path in sorted(Path(path).rglob("summary.json")):
         run_dir = summary_path.parent
         config_path = run_dir / "config.json"
@@ -72,6 +74,21 @@ def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataF
         summary.setdefault("status", "finished")
         rows.append(_row("local", str(run_dir), str(run_dir), config, summary))
     return _frame(rows, include_unfinished)
+
+
+def _evaluated_row(file: Path) -> dict[str, Any]:
+    """One model of an evaluation folder (``models/<name>.json``) as a run row: the config it was trained with,
+    its evaluation metrics as ``test/<metric>`` (the keys a run's own evaluation writes), its latent norms file."""
+    record = json.loads(file.read_text())
+    config = record.pop("config", None) or {}
+    summary = {"status": "finished", "model": record.pop("model", file.stem), "variant": record.pop("variant", None)}
+    summary |= {k: record.pop(k) for k in ("epochs", "checkpoint") if k in record}
+    summary |= {f"test/{k}": v for k, v in record.items()}
+    norms = file.with_name(f"{file.stem}_latent_norms.npy")
+    summary["latent_norms"] = str(norms) if norms.exists() else None
+    grid = file.parent.parent / f"interpolations_{file.stem}.png"
+    summary["interpolations"] = str(grid) if grid.exists() else None
+    return _row("local", str(file), str(file.parent.parent), config, summary)
 
 
 def failed_runs(path: str | Path) -> pd.DataFrame:

@@ -115,15 +115,17 @@ def pareto_front(frame: pd.DataFrame, path: str | Path, x: str = "test/mse", y: 
 
 
 def load_latent_norms(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ``latent_norms.npy`` of every run of ``frame`` that has one, long format: run_dir, variant, norm."""
+    """The latent norms of every run of ``frame`` that has them, long format: run, variant, norm. A run's file is
+    its ``latent_norms`` column (models of an evaluation folder) or ``latent_norms.npy`` in its run dir."""
     parts = []
     for _, run in frame.iterrows():
-        run_dir = run.get("run_dir")
-        file = Path(run_dir) / "latent_norms.npy" if isinstance(run_dir, str) else None
-        if file is not None and file.exists():
+        file = run.get("latent_norms")
+        if not isinstance(file, str) and isinstance(run.get("run_dir"), str):
+            file = Path(run["run_dir"]) / "latent_norms.npy"
+        if isinstance(file, str | Path) and Path(file).exists():
             norms = np.load(file).astype(float).ravel()
-            parts.append(pd.DataFrame({"run_dir": run_dir, "variant": run.get("variant"), "norm": norms}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run_dir", "variant", "norm"])
+            parts.append(pd.DataFrame({"run": run.get("run"), "variant": run.get("variant"), "norm": norms}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "variant", "norm"])
 
 
 def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -132,7 +134,7 @@ def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
     norms = load_latent_norms(frame)
     if norms.empty:
         raise FigureSkipped("no run folder has a latent_norms.npy (written when a run is evaluated)")
-    with_norms = frame[frame["run_dir"].isin(set(norms["run_dir"]))]
+    with_norms = frame[frame["run"].isin(set(norms["run"]))]
     dims = sorted(int(d) for d in with_norms.get("model.latent_dim", pd.Series(dtype=float)).dropna().unique())
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
@@ -152,4 +154,30 @@ def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
     ax.legend(handles, labels, fontsize=8)
     ax.set_xlabel("||mu(x)|| on the test split")
     ax.set_ylabel("density")
+    return _save(fig, path)
+
+
+def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
+    """The interpolation grids of one model per variant (its lowest seed) stacked, one panel per variant: every
+    model of an evaluation folder is drawn on the same test pairs, so the panels compare row by row."""
+    if "interpolations" not in frame:
+        raise FigureSkipped("no model has an interpolation grid (written by task=evaluate)")
+    runs = frame[frame["interpolations"].map(lambda p: isinstance(p, str) and Path(p).exists())]
+    if runs.empty:
+        raise FigureSkipped("no model has an interpolation grid (written by task=evaluate)")
+    runs = runs.sort_values("seed") if "seed" in runs else runs
+    chosen = runs.groupby("variant", sort=False).head(1)
+    chosen = chosen.set_index("variant").loc[_hue_order(chosen["variant"])]
+    import matplotlib.image
+
+    grids = [matplotlib.image.imread(p) for p in chosen["interpolations"]]
+    height = sum(g.shape[0] / g.shape[1] for g in grids) * 6.4
+    fig = Figure(figsize=(6.4, height + 0.35 * len(grids)))
+    axes = fig.subplots(len(grids), 1, squeeze=False)[:, 0]
+    for ax, (variant, run), grid in zip(axes, chosen.iterrows(), grids, strict=True):
+        ax.imshow(grid, cmap="gray", interpolation="nearest")
+        label = run.get("model") if isinstance(run.get("model"), str) else variant
+        seed = f", seed {int(run['seed'])}" if "seed" in run and pd.notna(run["seed"]) else ""
+        ax.set_title(f"{variant}: {label}{seed}", fontsize=9)
+        ax.set_axis_off()
     return _save(fig, path)

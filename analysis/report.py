@@ -4,6 +4,7 @@ the figures as PNG.
     python -m analysis.report outputs/multirun/2026-11-25/12-00-00            # writes into that folder
     python -m analysis.report outputs --out reports/all                       # every run below outputs/
     python -m analysis.report wandb:ENTITY/PROJECT --out reports/wandb         # the runs of a W&B project
+    python -m analysis.report outputs/reproduce/evaluation --by-metric        # the models of an evaluation
 
 A figure the runs cannot support (a single beta for the heatmaps, no ``latent_norms.npy``) is skipped and the
 report says why.
@@ -19,7 +20,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.collect import failed_runs, load_runs
-from analysis.tables import comparison_table, to_markdown, variant_rank
+from analysis.tables import comparison_table, to_markdown, to_markdown_by_metric, variant_rank
 
 # Config keys that split the comparison when they take more than one value among the runs.
 GROUP_CANDIDATES = ("loss.beta", "loss.semantic_weight", "model.latent_dim", "data.name")
@@ -27,6 +28,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {
     "heatmaps": figures.heatmaps,
     "pareto_front": figures.pareto_front,
     "latent_norms": figures.latent_norm_distributions,
+    "interpolations": figures.interpolations,
 }
 
 
@@ -66,9 +68,12 @@ def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
     return lines
 
 
-def write_report(source: str | Path, out: str | Path | None = None, confidence: float = 0.95) -> Path:
+def write_report(
+    source: str | Path, out: str | Path | None = None, confidence: float = 0.95, by_metric: bool = False
+) -> Path:
     """Write ``report.md``, ``comparison.csv`` and the figures' PNGs for the runs of ``source`` (a folder, or
-    ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path."""
+    ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path. ``by_metric`` writes
+    the table with one row per metric and one column per group (few groups, many metrics)."""
     source = str(source)
     local = not source.startswith("wandb:")
     if out is None and not local:
@@ -87,7 +92,8 @@ def write_report(source: str | Path, out: str | Path | None = None, confidence: 
         lines.append("No finished VAE run with metrics to compare.")
     else:
         table.to_csv(out / "comparison.csv")
-        lines += [to_markdown(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+        markdown = to_markdown_by_metric if by_metric else to_markdown
+        lines += [markdown(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
 
     lines += ["", "## Figures", ""]
     for name, draw in FIGURES.items():
@@ -109,13 +115,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("path", help="a run, a sweep folder, outputs/, or wandb:ENTITY/PROJECT")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH; needed for W&B)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the t-intervals (default: 0.95)")
+    parser.add_argument("--by-metric", action="store_true", help="one table row per metric, a column per group")
     args = parser.parse_args(argv)
     if args.path.startswith("wandb:"):
         if args.out is None:
             parser.error("--out is needed with a W&B source")
     elif not Path(args.path).is_dir():
         parser.error(f"{args.path}: no such folder")
-    print(write_report(args.path, args.out, args.confidence))
+    print(write_report(args.path, args.out, args.confidence, args.by_metric))
 
 
 if __name__ == "__main__":

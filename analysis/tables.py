@@ -22,6 +22,11 @@ DEFAULT_METRICS = (
     "test/gsv_norm_train",
     "test/gsv_norm_heldout",
     "test/gsv_norm_morpho",
+    "test/gsv_raw_train",
+    "test/gsv_raw_heldout",
+    "test/gsv_raw_morpho",
+    "test/latent_norm_mean",
+    "test/latent_norm_std",
     "test/active_units",
     "test/recon_accuracy",
     "test/mig",
@@ -95,6 +100,17 @@ def _number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _cell(row: pd.Series, metric: str, n: int, digits: int) -> str:
+    """ "mean ± half-width" of one metric in one group; "(n=k)" when fewer runs than the group's n have it."""
+    mean, half, count = row[(metric, "mean")], row[(metric, "half_width")], int(row[(metric, "n")])
+    cell = _number(mean, digits) if count else ""
+    if np.isfinite(half):
+        cell += f" ± {_number(half, 2)}"
+    if 0 < count < n:
+        cell += f" (n={count})"
+    return cell
+
+
 def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     """A Markdown table of a ``comparison_table``: the group keys, ``n`` (the most runs any metric has), and one
     "mean ± half-width" cell per metric (the mean alone when n = 1; "(n=k)" added where a metric has fewer runs)."""
@@ -105,14 +121,22 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     for label, row in table.iterrows():
         labels = label if isinstance(label, tuple) else (label,)
         n = int(max(row[(m, "n")] for m in metrics)) if metrics else 0
-        cells = []
-        for metric in metrics:
-            mean, half, count = row[(metric, "mean")], row[(metric, "half_width")], int(row[(metric, "n")])
-            cell = _number(mean, digits) if count else ""
-            if np.isfinite(half):
-                cell += f" ± {_number(half, 2)}"
-            if 0 < count < n:
-                cell += f" (n={count})"
-            cells.append(cell)
+        cells = [_cell(row, metric, n, digits) for metric in metrics]
         lines.append("| " + " | ".join([str(v) for v in labels] + [str(n)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
+    """The same cells as ``to_markdown`` turned a quarter: one row per metric, one column per group (with its n),
+    which reads better than a wide table when a few groups are compared on many metrics."""
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    groups = []
+    for label, row in table.iterrows():
+        labels = label if isinstance(label, tuple) else (label,)
+        n = int(max(row[(m, "n")] for m in metrics)) if metrics else 0
+        groups.append((" ".join(str(v) for v in labels) + f" (n={n})", row, n))
+    header = ["metric"] + [g[0] for g in groups]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for metric in metrics:
+        lines.append(f"| {metric} | " + " | ".join(_cell(row, metric, n, digits) for _, row, n in groups) + " |")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ class TaskName(str, Enum):
     train = "train"  # train a VAE
     classifier = "classifier"  # train the feature classifier (or the held-out judge)
     evaluate = "evaluate"  # compare trained VAEs (semvae/evaluate.py)
+    reproduce = "reproduce"  # classifiers, every variant x seed, then the comparison (semvae/reproduce.py)
 
 
 class JudgeName(str, Enum):
@@ -151,6 +152,18 @@ class TaskConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    """The study of task=reproduce (conf/experiment/reproduce.yaml)."""
+
+    variants: list[str] = field(default_factory=lambda: ["vae", "beta", "semantic"])  # conf/variant/ options
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seed 0 goes to weights/, the others to seeds/
+    epochs: int = 50  # of every VAE; the exported file names say it
+    classifiers: list[str] = field(default_factory=lambda: ["resnet", "judge"])  # conf/classifier/ options
+    classifier_epochs: Optional[int] = None  # None: trainer=classifier's own
+    evaluate: bool = True  # compare every VAE on the test split at the end
+
+
+@dataclass
 class EvaluationConfig:
     checkpoints: list[str] = field(default_factory=list)  # VAE model files to compare
     heldout_checkpoint: str = "weights/judge.pth"
@@ -184,6 +197,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
 
 
 def register_configs() -> None:
@@ -307,6 +321,12 @@ def validate(cfg: Config) -> Config:
         "allowed values: auto, cpu, cuda, cuda:N",
         e.device,
     )
+    r = cfg.reproduce
+    _require(r.epochs >= 1, "reproduce.epochs", "must be >= 1", r.epochs)
+    distinct = len(r.seeds) >= 1 and len(set(r.seeds)) == len(r.seeds)
+    _require(distinct, "reproduce.seeds", "needs one or more distinct seeds", r.seeds)
+    epochs = r.classifier_epochs
+    _require(epochs is None or epochs >= 1, "reproduce.classifier_epochs", "must be >= 1 or null", epochs)
     if cfg.task.name == TaskName.evaluate:
         _require(len(e.checkpoints) >= 1, "evaluation.checkpoints", "lists no model to evaluate", e.checkpoints)
     if cfg.task.name == TaskName.train and s.n_points is not None and loss.semantic_weight > 0:

@@ -23,6 +23,7 @@ from semvae.config import Config, ConfigError, TaskName
 from semvae.data import Split, load_split, random_shift, train_val_split
 from semvae.losses import sample_directions, vae_objective, variant_of
 from semvae.models import Classifier, ResNetVAE
+from semvae.reproduce import reproduce
 from semvae.tracking import Tracker
 from semvae.train import FitResult, StopFlag, StopRequested, fit, seed_everything, validate
 
@@ -505,7 +506,9 @@ def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir:
 
 
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
-    """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and JSON."""
+    """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and, per model,
+    ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``."""
+    import numpy as np
     from torchvision.utils import save_image
 
     from semvae import comparison
@@ -539,6 +542,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             }
             rows.append(row)
             write_json_atomic(row | {"config": state.get("config")}, run_dir / "models" / f"{name}.json")
+            np.save(run_dir / "models" / f"{name}_latent_norms.npy", norms[name].numpy().astype(np.float32))
             save_image(images["interpolations"], run_dir / f"interpolations_{name}.png", nrow=e.interpolation_steps)
             save_image(images["traversals"], run_dir / f"traversals_{name}.png", nrow=e.traversal_steps)
             tracker.log_images(
@@ -575,3 +579,4 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
 
 
 TASKS[TaskName.evaluate] = evaluate_models
+TASKS[TaskName.reproduce] = reproduce

@@ -26,7 +26,7 @@ from scipy import stats
 from analysis import figures
 from analysis.collect import collect_runs, collect_wandb, failed_runs, flatten, load_runs, variant_of
 from analysis.report import write_report
-from analysis.tables import comparison_table, to_markdown
+from analysis.tables import comparison_table, to_markdown, to_markdown_by_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "runs"
@@ -219,6 +219,12 @@ def test_to_markdown_writes_mean_plus_minus_half_width_and_n(tmp_path):
         f"| vae | 2 | 0.02 ± {half:.2g} | 0.5 (n=1) |",
         "| semantic | 1 | 0.02 | 0.3 |",
     ]
+    assert to_markdown_by_metric(table).splitlines() == [
+        "| metric | vae (n=2) | semantic (n=1) |",
+        "| --- | --- | --- |",
+        f"| test/mse | 0.02 ± {half:.2g} | 0.02 |",
+        "| test/gsv | 0.5 (n=1) | 0.3 |",
+    ]
     table.to_csv(tmp_path / "table.csv")
     back = pd.read_csv(tmp_path / "table.csv", header=[0, 1], index_col=0)
     assert back.loc["vae", ("test/mse", "mean")] == pytest.approx(0.02)
@@ -300,7 +306,7 @@ def test_report_on_a_mix_skips_what_it_cannot_draw(tmp_path):
     assert "- finished runs: 3 (vae: 2, classifier: 1)" in report
     assert "- unfinished runs (left out): 1 (stopped)" in report
     assert f"| vae | 2 | 0.03 ± {stats.t.ppf(0.975, 1) * np.std([0.02, 0.04], ddof=1) / math.sqrt(2):.2g} |" in report
-    assert report.count("Skipped: ") == 3
+    assert report.count("Skipped: ") == 4  # heatmaps, Pareto front, latent norms, interpolations
     assert not list((tmp_path / "report").glob("*.png"))
 
 

@@ -1,0 +1,129 @@
+"""The whole study in one command: classifier, held-out judge, every variant x seed for ``reproduce.epochs``
+epochs, then the comparison of all of them on the test split.
+
+    python run.py experiment=reproduce                       # conf/experiment/reproduce.yaml
+    python run.py experiment=reproduce trainer.device=cuda   # the same on a GPU
+
+Each stage is an ordinary run (``task=classifier`` or ``task=train``), composed from ``conf/`` with the stage's
+overrides plus the command line's own, and run in ``<run dir>/<stage>``. A stage whose model file already exists
+is skipped, and an interrupted stage continues from its ``last.pt``, so running the same command again (the
+experiment fixes the run dir) picks up where it stopped. Seed-0 VAEs are exported to ``weights/<name>_epoch<E>.pth``,
+the other seeds to ``weights/seeds/<name>_seed<S>_epoch<E>.pth``. The evaluation stage runs ``task=evaluate`` on
+every VAE file; ``python -m analysis.report <run dir>/evaluation`` turns it into the table over seeds (mean and
+95% t-interval per variant) and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from semvae.config import Config, ConfigError, TaskName, validate
+
+log = logging.getLogger(__name__)
+
+# Overrides of the command line that each stage sets for itself and so must not pass on.
+STAGE_KEYS = ("experiment", "task", "variant", "seed", "classifier", "reproduce", "evaluation.checkpoints", "name")
+
+
+@dataclass
+class Stage:
+    name: str  # folder under the reproduce run dir
+    overrides: list[str]
+    output: Path  # the model file it exports; the stage is done when it exists
+
+
+def vae_file(cfg: Config, name: str, seed: int) -> Path:
+    weights, epochs = Path(cfg.paths.weights_dir), cfg.reproduce.epochs
+    if seed == 0:
+        return weights / f"{name}_epoch{epochs}.pth"
+    return weights / "seeds" / f"{name}_seed{seed}_epoch{epochs}.pth"
+
+
+def passed_on(overrides: list[str]) -> list[str]:
+    """The command line's overrides that every stage inherits (trainer, data, model, logger, paths, ...)."""
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    return [o for o in overrides if not any(key(o) == k or key(o).startswith(k + ".") for k in STAGE_KEYS)]
+
+
+def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
+    """The training stages in order: classifiers first (the semantic loss and the judges need them), then the VAEs
+    seed by seed, so that the seed-0 models of every variant are ready first."""
+    r = cfg.reproduce
+    stages = []
+    for classifier, output in (("resnet", cfg.classifier.checkpoint), ("judge", cfg.evaluation.heldout_checkpoint)):
+        if classifier in r.classifiers:
+            overrides = ["task=classifier", f"classifier={classifier}", "task.overwrite=false"]
+            if r.classifier_epochs is not None:
+                overrides.append(f"trainer.epochs={r.classifier_epochs}")
+            stages.append(Stage(f"classifier_{classifier}", overrides, Path(output)))
+    for seed in r.seeds:
+        for variant in r.variants:
+            name = variant_names[variant]
+            output = vae_file(cfg, name, seed)
+            overrides = [
+                "task=train",
+                f"variant={variant}",
+                f"seed={seed}",
+                f"trainer.epochs={r.epochs}",
+                f"task.export={output}",
+            ]
+            stages.append(Stage(f"{name}_s{seed}", overrides, output))
+    return stages
+
+
+def compose(overrides: list[str]) -> Config:
+    """A stage's typed, validated config, composed from conf/ as ``python run.py <overrides>`` would; a choice
+    that conf/ does not have fails with Hydra's message, which lists the options."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return validate(OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides)))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"reproduce: a stage with overrides {overrides} does not compose: {error}") from None
+
+
+def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
+    """Run the stages of ``plan`` not done yet, then evaluate every VAE; needs a running Hydra app (run.py)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from semvae.tasks import TASKS, check_inputs
+
+    run_dir = Path(run_dir)
+    common = passed_on(list(HydraConfig.get().overrides.task))
+    names = {v: compose(common + [f"variant={v}"]).name for v in cfg.reproduce.variants}
+    stages = plan(cfg, names)
+    configs = [compose(common + s.overrides) for s in stages]  # every stage's config is checked before any work
+    vae_files = [s.output for s in stages if s.name not in ("classifier_resnet", "classifier_judge")]
+    evaluation = compose(
+        common + ["task=evaluate", "evaluation.checkpoints=[" + ",".join(f"'{p}'" for p in vae_files) + "]"]
+    )
+    group = group or "reproduce"
+    done = []
+    for stage, stage_cfg in zip(stages, configs, strict=True):
+        if stage.output.exists():
+            log.info("%s: %s exists, skipped (delete it to train it again)", stage.name, stage.output)
+            continue
+        stage_dir = run_dir / stage.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s: training into %s (exports %s)", stage.name, stage_dir, stage.output)
+        check_inputs(stage_cfg, stage_dir)
+        TASKS[stage_cfg.task.name](stage_cfg, stage_dir, group)
+        done.append(stage.name)
+    if not cfg.reproduce.evaluate:
+        return {"trained": done}
+    eval_dir = run_dir / "evaluation"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    check_inputs(evaluation, eval_dir)
+    summary = TASKS[TaskName.evaluate](evaluation, eval_dir, group)
+    log.info("table over seeds and figures: python -m analysis.report %s", eval_dir)
+    return {"trained": done, **summary}

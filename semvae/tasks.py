@@ -25,7 +25,7 @@ from semvae.losses import sample_directions, vae_objective, variant_of
 from semvae.models import Classifier, ResNetVAE
 from semvae.reproduce import reproduce
 from semvae.tracking import Tracker
-from semvae.train import FitResult, StopFlag, StopRequested, fit, seed_everything, validate
+from semvae.train import FitResult, StopFlag, StopRequested, fit, native_bf16, seed_everything, validate
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,12 @@ def _setup(cfg: Config) -> torch.device:
     if threads is not None:
         torch.set_num_threads(threads)
     device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.precision == "bf16" and not native_bf16(device):
+        log.warning(
+            "trainer.precision=bf16: %s has no native bfloat16, so bf16 runs emulated and far slower than fp32; "
+            "use trainer.precision=fp32 here",
+            device,
+        )
     seed_everything(cfg.seed)
     return device
 

@@ -100,6 +100,17 @@ def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
         raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): {listed}")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware. A CPU without AVX-512 BF16 or AMX (AVX2 only, say) runs
+    bf16 convolutions and matmuls emulated, ten to hundreds of times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast(device: torch.device, precision: str):
     """bfloat16 autocast on the training device for ``precision="bf16"``; a no-op context for "fp32"."""
     if precision not in ("fp32", "bf16"):

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import torch
+
+from semvae.train import native_bf16
 from tests.conftest import DATA_DIR, ROOT
 
 
@@ -34,10 +37,14 @@ def test_throughput_benchmark_writes_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "throughput.json").read_text())
     assert set(results["train"]) == {"vae", "semantic"}
+    native = native_bf16(torch.device("cpu"))
+    assert results["native_bf16"] is native and (results["peak_gflops"]["bf16"] is None) is not native
+    expected = {"reference", "project fp32"} | ({"project bf16"} if native else set())
     for paths in results["train"].values():
-        assert set(paths) == {"reference", "project fp32", "project bf16"} and all(v > 0 for v in paths.values())
+        assert set(paths) == expected and all(v > 0 for v in paths.values())
     # a semantic step does strictly more work than a plain one: K*M extra decodes and (K+1)*M judge passes
     assert results["flops_per_image"]["semantic"] > 1.5 * results["flops_per_image"]["vae"] > 0
     assert results["peak_gflops"]["fp32"] > 0 and results["eval_points_directions_per_s"] > 0
     table = (tmp_path / "throughput.md").read_text()
-    assert "| semantic | project bf16 |" in table and "share of bf16 peak" in table
+    assert "| semantic | project fp32 |" in table and "share of bf16 peak" in table
+    assert ("| semantic | project bf16 |" in table) is native and ("no native bf16" in table) is not native

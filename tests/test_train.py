@@ -100,3 +100,19 @@ def test_corrupt_checkpoint_error_names_the_file(tmp_path):
 def test_saved_files_get_ordinary_permissions(tmp_path):
     path = checkpoints.save_atomic({"model": {}}, tmp_path / "m.pth")
     assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoints._umask()
+
+
+def test_bf16_on_a_device_without_native_bf16_is_warned_about(monkeypatch, caplog):
+    import semvae.tasks
+    from semvae.config import Config
+
+    cfg = Config()
+    cfg.trainer.device, cfg.trainer.precision = "cpu", "bf16"
+    monkeypatch.setattr(semvae.tasks, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="semvae.tasks"):
+        semvae.tasks._setup(cfg)
+    assert "trainer.precision=bf16: cpu has no native bfloat16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(semvae.tasks, "native_bf16", lambda device: True)
+    semvae.tasks._setup(cfg)
+    assert caplog.text == ""

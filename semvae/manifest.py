@@ -1,8 +1,9 @@
 """The record kept next to the shipped models: ``weights/manifest.json``.
 
-For every model file in ``weights/``: its SHA-256, what it is, how it was made (commit, epochs, data), and one
-number measured on a fixed slice of the test split (the first ``SLICE`` images): per-pixel reconstruction MSE for a
-VAE, accuracy for a classifier. ``tests/test_weights.py`` loads each file and checks that number again.
+For every model file (``*.pth``) in ``weights/`` and its subfolders (``seeds/``): its SHA-256, what it is, how it
+was made (commit, seed, epochs, data), and one number measured on a fixed slice of the test split (the first
+``SLICE`` images): per-pixel reconstruction MSE for a VAE, accuracy for a classifier. ``tests/test_weights.py``
+loads each file and checks that number again.
 
     python -m semvae.manifest            # (re)write weights/manifest.json for the files in weights/
 """
@@ -50,6 +51,7 @@ def entry(path: Path, test: Split) -> dict[str, Any]:
         "sha256": sha256(path),
         "kind": state.get("kind"),
         "variant": state.get("variant"),
+        "seed": (state.get("config") or {}).get("seed"),
         "architecture": state.get("architecture"),
         "epochs": summary.get("epochs"),
         "n_train": state.get("n_train"),
@@ -64,7 +66,7 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
     weights_dir = Path(weights_dir)
     test = load_split("mnist", data_root, train=False, download=False)
     test = test.subset(torch.arange(SLICE))
-    manifest = {p.name: entry(p, test) for p in sorted(weights_dir.glob("*.pth"))}
+    manifest = {p.relative_to(weights_dir).as_posix(): entry(p, test) for p in sorted(weights_dir.rglob("*.pth"))}
     path = weights_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

@@ -1,6 +1,7 @@
 """Every model shipped in weights/ is the file its manifest describes and still measures what was recorded."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ MANIFEST = json.loads((ROOT / "weights" / "manifest.json").read_text())
 
 
 def test_every_shipped_file_is_in_the_manifest():
-    assert sorted(p.name for p in (ROOT / "weights").glob("*.pth")) == sorted(MANIFEST)
+    weights = ROOT / "weights"
+    assert sorted(p.relative_to(weights).as_posix() for p in weights.rglob("*.pth")) == sorted(MANIFEST)
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
@@ -26,4 +28,8 @@ def test_shipped_weights_reproduce_their_recorded_check(name):
     assert metric == record["check"]["metric"]
     assert value == pytest.approx(record["check"]["value"], abs=1e-5)
     if "epoch" in name:  # a file name that says epochN holds a model trained for N epochs
-        assert f"epoch{record['epochs']}" in name
+        assert re.search(r"_epoch(\d+)\.pth$", name).group(1) == str(record["epochs"])
+    if name.startswith("seeds/"):  # seeds/NAME_seedS_epochN.pth holds seed S; the seed-0 models are at the top
+        assert re.search(r"_seed(\d+)_", name).group(1) == str(record["seed"])
+    elif record["kind"] == "vae":
+        assert record["seed"] == 0

@@ -68,6 +68,8 @@ def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataF
     rows = [_evaluated_row(file) for file in sorted(Path(path).rglob("models/*.json"))]
     for summary_path in sorted(Path(path).rglob("summary.json")):
         run_dir = summary_path.parent
+        if (run_dir / "models").is_dir():  # an evaluation: its models are the rows above
+            continue
         config_path = run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         summary = json.loads(summary_path.read_text())

@@ -100,6 +100,12 @@ def _number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _group_label(label, row: pd.Series, metrics: list[str]) -> tuple[tuple, int]:
+    """A group's key values and its n: the most runs any metric of the row has."""
+    labels = label if isinstance(label, tuple) else (label,)
+    return labels, int(max(row[(m, "n")] for m in metrics)) if metrics else 0
+
+
 def _cell(row: pd.Series, metric: str, n: int, digits: int) -> str:
     """ "mean ± half-width" of one metric in one group; "(n=k)" when fewer runs than the group's n have it."""
     mean, half, count = row[(metric, "mean")], row[(metric, "half_width")], int(row[(metric, "n")])
@@ -119,8 +125,7 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     header = [str(k) for k in keys] + ["n"] + metrics
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for label, row in table.iterrows():
-        labels = label if isinstance(label, tuple) else (label,)
-        n = int(max(row[(m, "n")] for m in metrics)) if metrics else 0
+        labels, n = _group_label(label, row, metrics)
         cells = [_cell(row, metric, n, digits) for metric in metrics]
         lines.append("| " + " | ".join([str(v) for v in labels] + [str(n)] + cells) + " |")
     return "\n".join(lines) + "\n"
@@ -132,8 +137,7 @@ def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
     groups = []
     for label, row in table.iterrows():
-        labels = label if isinstance(label, tuple) else (label,)
-        n = int(max(row[(m, "n")] for m in metrics)) if metrics else 0
+        labels, n = _group_label(label, row, metrics)
         groups.append((" ".join(str(v) for v in labels) + f" (n={n})", row, n))
     header = ["metric"] + [g[0] for g in groups]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]

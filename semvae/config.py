@@ -325,6 +325,8 @@ def validate(cfg: Config) -> Config:
     _require(r.epochs >= 1, "reproduce.epochs", "must be >= 1", r.epochs)
     distinct = len(r.seeds) >= 1 and len(set(r.seeds)) == len(r.seeds)
     _require(distinct, "reproduce.seeds", "needs one or more distinct seeds", r.seeds)
+    unknown = sorted(set(r.classifiers) - {"resnet", "judge"})
+    _require(not unknown, "reproduce.classifiers", "allowed values: resnet, judge", r.classifiers)
     epochs = r.classifier_epochs
     _require(epochs is None or epochs >= 1, "reproduce.classifier_epochs", "must be >= 1 or null", epochs)
     if cfg.task.name == TaskName.evaluate:

@@ -35,6 +35,7 @@ class Stage:
     name: str  # folder under the reproduce run dir
     overrides: list[str]
     output: Path  # the model file it exports; the stage is done when it exists
+    vae: bool  # trains a VAE (evaluated at the end), else a classifier
 
 
 def vae_file(cfg: Config, name: str, seed: int) -> Path:
@@ -60,10 +61,10 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
     stages = []
     for classifier, output in (("resnet", cfg.classifier.checkpoint), ("judge", cfg.evaluation.heldout_checkpoint)):
         if classifier in r.classifiers:
-            overrides = ["task=classifier", f"classifier={classifier}", "task.overwrite=false"]
+            overrides = ["task=classifier", f"classifier={classifier}"]
             if r.classifier_epochs is not None:
                 overrides.append(f"trainer.epochs={r.classifier_epochs}")
-            stages.append(Stage(f"classifier_{classifier}", overrides, Path(output)))
+            stages.append(Stage(f"classifier_{classifier}", overrides, Path(output), vae=False))
     for seed in r.seeds:
         for variant in r.variants:
             name = variant_names[variant]
@@ -75,7 +76,7 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
                 f"trainer.epochs={r.epochs}",
                 f"task.export={output}",
             ]
-            stages.append(Stage(f"{name}_s{seed}", overrides, output))
+            stages.append(Stage(f"{name}_s{seed}", overrides, output, vae=True))
     return stages
 
 
@@ -103,7 +104,7 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     names = {v: compose(common + [f"variant={v}"]).name for v in cfg.reproduce.variants}
     stages = plan(cfg, names)
     configs = [compose(common + s.overrides) for s in stages]  # every stage's config is checked before any work
-    vae_files = [s.output for s in stages if s.name not in ("classifier_resnet", "classifier_judge")]
+    vae_files = [s.output for s in stages if s.vae]
     evaluation = compose(
         common + ["task=evaluate", "evaluation.checkpoints=[" + ",".join(f"'{p}'" for p in vae_files) + "]"]
     )

@@ -48,3 +48,14 @@ def test_throughput_benchmark_writes_its_table(tmp_path):
     table = (tmp_path / "throughput.md").read_text()
     assert "| semantic | project fp32 |" in table and "share of bf16 peak" in table
     assert ("| semantic | project bf16 |" in table) is native and ("no native bf16" in table) is not native
+
+
+def test_precision_benchmark_times_every_operation_in_both_precisions(tmp_path):
+    from benchmarks.precision import main, operations
+
+    results = main(["--device", "cpu", "--repeats", "1", "--batch", "2", "--out", str(tmp_path)])
+    assert results["native_bf16"] is native_bf16(torch.device("cpu"))
+    assert set(results["ms"]) == set(operations(2))
+    assert all(t["fp32"] > 0 and t["bf16"] > 0 for t in results["ms"].values())
+    table = (tmp_path / "precision.md").read_text()
+    assert table.count("\n") == 2 + 2 + len(operations(2)) and "| matmul 512x512 |" in table

@@ -51,6 +51,7 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
 
     report = write_report(run_dir / "evaluation", tmp_path / "report", by_metric=True)
     text = report.read_text()
+    assert "- finished runs: 6 (vae: 2, beta: 2, semantic: 2)" in text  # the evaluation run itself is no row
     assert "| metric | vae 1.0 0.0 (n=2) | beta 5.0 0.0 (n=2) | semantic 1.0 10.0 (n=2) |" in text
     assert "| test/gsv_raw_morpho | " in text and "| test/latent_norm_mean | " in text
     assert (tmp_path / "report" / "latent_norms.png").stat().st_size > 10_000
@@ -73,3 +74,8 @@ def test_reproduce_rejects_an_unknown_variant_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "variant=betta" in proc.stderr and "beta" in proc.stderr
     assert not (tmp_path / "weights").exists()
+    proc = run_py(
+        "experiment=reproduce", "reproduce.classifiers=[resnet,judg]", f"paths.output_dir={tmp_path}/o", check=False
+    )
+    message = "reproduce.classifiers=['resnet', 'judg']: allowed values: resnet, judge"
+    assert proc.returncode == 2 and message in proc.stderr

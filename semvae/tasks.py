@@ -515,7 +515,6 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and, per model,
     ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``."""
     import numpy as np
-    from torchvision.utils import save_image
 
     from semvae import comparison
     from semvae.tracking import write_json_atomic
@@ -549,13 +548,9 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             rows.append(row)
             write_json_atomic(row | {"config": state.get("config")}, run_dir / "models" / f"{name}.json")
             np.save(run_dir / "models" / f"{name}_latent_norms.npy", norms[name].numpy().astype(np.float32))
-            save_image(images["interpolations"], run_dir / f"interpolations_{name}.png", nrow=e.interpolation_steps)
-            save_image(images["traversals"], run_dir / f"traversals_{name}.png", nrow=e.traversal_steps)
-            tracker.log_images(
-                {f"{name}/interpolations": images["interpolations"], f"{name}/traversals": images["traversals"]},
-                step=0,
-                nrow=e.interpolation_steps,
-            )
+            # W&B keys interpolations/NAME put every model's grid in one panel section; files interpolations_NAME.png
+            tracker.log_images({f"interpolations/{name}": images["interpolations"]}, 0, nrow=e.interpolation_steps)
+            tracker.log_images({f"traversals/{name}": images["traversals"]}, 0, nrow=e.traversal_steps)
         import pandas as pd
 
         frame = pd.DataFrame(rows)

@@ -44,6 +44,9 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path, weights_dir,
         for figure in (f"interpolations_{name}.png", f"traversals_{name}.png"):
             assert (run_dir / figure).stat().st_size > 100
     assert (run_dir / "latent_norms.png").stat().st_size > 10_000 and (run_dir / "gsv.png").is_file()
+    names = ("vae_smoke", "semantic_smoke")
+    grids = {f"{kind}_{name}.png" for kind in ("interpolations", "traversals") for name in names}
+    assert {p.name for p in run_dir.glob("*.png")} == grids | {"latent_norms.png", "gsv.png"}  # each figure once
     summary = read_summary(run_dir)
     assert summary["n_test"] == 300 and summary["vae_smoke/mse"] == frame["mse"][0]
     assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -151,6 +151,10 @@ class TaskConfig:
     evaluate: bool = False  # task=train: evaluate the trained VAE on the test split (evaluation.*) into test/*
 
 
+# The classifiers experiment=reproduce can train (conf/classifier/ options); semvae.reproduce maps each to its file.
+REPRODUCE_CLASSIFIERS = ("resnet", "judge")
+
+
 @dataclass
 class ReproduceConfig:
     """The study of task=reproduce (conf/experiment/reproduce.yaml)."""
@@ -158,7 +162,7 @@ class ReproduceConfig:
     variants: list[str] = field(default_factory=lambda: ["vae", "beta", "semantic"])  # conf/variant/ options
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seed 0 goes to weights/, the others to seeds/
     epochs: int = 50  # of every VAE; the exported file names say it
-    classifiers: list[str] = field(default_factory=lambda: ["resnet", "judge"])  # conf/classifier/ options
+    classifiers: list[str] = field(default_factory=lambda: list(REPRODUCE_CLASSIFIERS))  # conf/classifier/ options
     classifier_epochs: Optional[int] = None  # None: trainer=classifier's own
     evaluate: bool = True  # compare every VAE on the test split at the end
 
@@ -325,8 +329,9 @@ def validate(cfg: Config) -> Config:
     _require(r.epochs >= 1, "reproduce.epochs", "must be >= 1", r.epochs)
     distinct = len(r.seeds) >= 1 and len(set(r.seeds)) == len(r.seeds)
     _require(distinct, "reproduce.seeds", "needs one or more distinct seeds", r.seeds)
-    unknown = sorted(set(r.classifiers) - {"resnet", "judge"})
-    _require(not unknown, "reproduce.classifiers", "allowed values: resnet, judge", r.classifiers)
+    unknown = sorted(set(r.classifiers) - set(REPRODUCE_CLASSIFIERS))
+    allowed = "allowed values: " + ", ".join(REPRODUCE_CLASSIFIERS)
+    _require(not unknown, "reproduce.classifiers", allowed, r.classifiers)
     epochs = r.classifier_epochs
     _require(epochs is None or epochs >= 1, "reproduce.classifier_epochs", "must be >= 1 or null", epochs)
     if cfg.task.name == TaskName.evaluate:

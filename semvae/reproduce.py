@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from semvae.config import Config, ConfigError, TaskName, validate
+from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, TaskName, validate
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,13 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
     seed by seed, so that the seed-0 models of every variant are ready first."""
     r = cfg.reproduce
     stages = []
-    for classifier, output in (("resnet", cfg.classifier.checkpoint), ("judge", cfg.evaluation.heldout_checkpoint)):
+    outputs = {"resnet": cfg.classifier.checkpoint, "judge": cfg.evaluation.heldout_checkpoint}
+    for classifier in REPRODUCE_CLASSIFIERS:
         if classifier in r.classifiers:
             overrides = ["task=classifier", f"classifier={classifier}"]
             if r.classifier_epochs is not None:
                 overrides.append(f"trainer.epochs={r.classifier_epochs}")
-            stages.append(Stage(f"classifier_{classifier}", overrides, Path(output), vae=False))
+            stages.append(Stage(f"classifier_{classifier}", overrides, Path(outputs[classifier]), vae=False))
     for seed in r.seeds:
         for variant in r.variants:
             name = variant_names[variant]

@@ -42,6 +42,11 @@ def as_plain(obj: Any) -> Any:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``trainer.device`` / ``evaluation.device``. Also turns TF32 off: on Ampere and later
+    GPUs cuDNN would otherwise round float32 convolutions to 10-bit mantissas, so ``precision=fp32`` means IEEE
+    float32 on every device (bf16 is the explicit ``trainer.precision=bf16``)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

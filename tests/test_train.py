@@ -116,3 +116,16 @@ def test_bf16_on_a_device_without_native_bf16_is_warned_about(monkeypatch, caplo
     monkeypatch.setattr(semvae.tasks, "native_bf16", lambda device: True)
     semvae.tasks._setup(cfg)
     assert caplog.text == ""
+
+
+def test_fp32_means_ieee_float32_on_gpus_too():
+    import semvae.tasks
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert semvae.tasks.resolve_device("cpu") == torch.device("cpu")
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -20,7 +20,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.collect import failed_runs, load_runs
-from analysis.tables import comparison_table, to_markdown, to_markdown_by_metric, variant_rank
+from analysis.tables import comparison_table, difference_table, to_markdown, to_markdown_by_metric, variant_rank
 
 # Config keys that split the comparison when they take more than one value among the runs.
 GROUP_CANDIDATES = ("loss.beta", "loss.semantic_weight", "model.latent_dim", "data.name")
@@ -68,12 +68,42 @@ def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
     return lines
 
 
+def _differences(
+    vaes: pd.DataFrame, by: list[str], baseline: str, confidence: float, markdown: Callable, out: Path
+) -> list[str]:
+    """The section of each variant minus ``baseline`` (``differences_from_<baseline>.csv`` beside it), when each
+    variant is one group (its loss settings fixed, as in experiment=reproduce) and ``baseline`` is among them; a
+    sweep's variants span several loss settings and have no single baseline."""
+    variants = vaes["variant"].nunique()
+    if baseline not in set(vaes["variant"]) or variants < 2 or vaes.groupby(by, dropna=False).ngroups != variants:
+        return []
+    table = difference_table(vaes, baseline=baseline, confidence=confidence)
+    csv = out / f"differences_from_{baseline}.csv"
+    table.to_csv(csv)
+    return [
+        "",
+        f"## Differences from {baseline} (difference of means ± {confidence:.0%} Welch t-interval half-width)",
+        "",
+        "An interval that leaves out 0 is a difference the seeds support; one that holds 0 is not.",
+        "",
+        markdown(table).rstrip("\n"),
+        "",
+        f"As CSV: [{csv.name}]({csv.name})",
+    ]
+
+
 def write_report(
-    source: str | Path, out: str | Path | None = None, confidence: float = 0.95, by_metric: bool = False
+    source: str | Path,
+    out: str | Path | None = None,
+    confidence: float = 0.95,
+    by_metric: bool = False,
+    baselines: Sequence[str] = ("vae",),
 ) -> Path:
     """Write ``report.md``, ``comparison.csv`` and the figures' PNGs for the runs of ``source`` (a folder, or
     ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path. ``by_metric`` writes
-    the table with one row per metric and one column per group (few groups, many metrics)."""
+    the table with one row per metric and one column per group (few groups, many metrics). When the runs differ
+    only in variant and seed, the report adds each variant minus each of ``baselines``
+    (``differences_from_<baseline>.csv``)."""
     source = str(source)
     local = not source.startswith("wandb:")
     if out is None and not local:
@@ -94,6 +124,8 @@ def write_report(
         table.to_csv(out / "comparison.csv")
         markdown = to_markdown_by_metric if by_metric else to_markdown
         lines += [markdown(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+        for baseline in baselines:
+            lines += _differences(vaes, by, baseline, confidence, markdown, out)
 
     lines += ["", "## Figures", ""]
     for name, draw in FIGURES.items():
@@ -116,13 +148,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH; needed for W&B)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the t-intervals (default: 0.95)")
     parser.add_argument("--by-metric", action="store_true", help="one table row per metric, a column per group")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        help="a variant to take differences from; repeat for several (default: vae)",
+    )
     args = parser.parse_args(argv)
     if args.path.startswith("wandb:"):
         if args.out is None:
             parser.error("--out is needed with a W&B source")
     elif not Path(args.path).is_dir():
         parser.error(f"{args.path}: no such folder")
-    print(write_report(args.path, args.out, args.confidence, args.by_metric))
+    print(write_report(args.path, args.out, args.confidence, args.by_metric, args.baseline or ["vae"]))
 
 
 if __name__ == "__main__":

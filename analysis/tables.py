@@ -4,6 +4,7 @@ half-width of its t-interval, as a DataFrame, Markdown or CSV.
     table = comparison_table(frame, by="variant", metrics=["test/mse", "test/gsv_norm_heldout"])
     print(to_markdown(table))
     table.to_csv("comparison.csv")
+    print(to_markdown_by_metric(difference_table(frame, baseline="vae")))   # each variant minus the VAE
 """
 
 from __future__ import annotations
@@ -91,6 +92,57 @@ def comparison_table(
     aggregations = {"mean": "mean", "half_width": lambda v: t_half_width(v, confidence), "n": "count"}
     table = pd.concat({metric: groups[metric].agg(**aggregations) for metric in metrics}, axis=1)
     return table.loc[_group_order(table.index)]
+
+
+def welch_interval(a: pd.Series, b: pd.Series, confidence: float = 0.95) -> tuple[float, float]:
+    """Difference of the means of ``a`` and ``b`` and the half-width of its Welch t-interval (unequal variances,
+    Welch-Satterthwaite degrees of freedom): the runs of two variants are different models, not pairs. The half-width
+    is NaN when either side has fewer than 2 values, and 0 when both sides are constant."""
+    a, b = a.dropna().astype(float), b.dropna().astype(float)
+    if len(a) == 0 or len(b) == 0:
+        return math.nan, math.nan
+    difference = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return difference, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return difference, 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return difference, float(stats.t.ppf((1 + confidence) / 2, df) * math.sqrt(va + vb))
+
+
+def difference_table(
+    frame: pd.DataFrame,
+    baseline: str,
+    by: str = "variant",
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Each group of ``by`` minus the ``baseline`` group: one row per other group, columns ``(metric, stat)`` laid
+    out as in ``comparison_table`` (so the same Markdown writers apply), where "mean" is the difference of the two
+    means, "half_width" that of its Welch t-interval (``welch_interval``) and "n" the group's runs. An interval
+    that leaves out 0 is a difference the seeds support at that confidence. Raises ValueError when no run belongs
+    to ``baseline``."""
+    metrics = available_metrics(frame) if metrics is None else list(metrics)
+    data = frame[[by, *metrics]].copy()
+    data[metrics] = data[metrics].apply(pd.to_numeric, errors="coerce")
+    data = data.dropna(subset=metrics, how="all")
+    groups = dict(tuple(data.groupby(by, dropna=False)))
+    if baseline not in groups:
+        raise ValueError(f"no run of {by}={baseline!r} to take differences from; groups: {sorted(map(str, groups))}")
+    rows = {}
+    for label in _group_order(pd.Index(list(groups), name=by)):
+        if label == baseline:
+            continue
+        row = {}
+        for metric in metrics:
+            mean, half = welch_interval(groups[label][metric], groups[baseline][metric], confidence)
+            row |= {(metric, "mean"): mean, (metric, "half_width"): half, (metric, "n"): groups[label][metric].count()}
+        rows[label] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns) if len(table.columns) else table.columns
+    table.index.name = by
+    return table
 
 
 def _number(value: float, digits: int = 4) -> str:

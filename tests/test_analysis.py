@@ -26,7 +26,7 @@ from scipy import stats
 from analysis import figures
 from analysis.collect import collect_runs, collect_wandb, failed_runs, flatten, load_runs, variant_of
 from analysis.report import write_report
-from analysis.tables import comparison_table, to_markdown, to_markdown_by_metric
+from analysis.tables import comparison_table, difference_table, to_markdown, to_markdown_by_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "runs"
@@ -231,6 +231,67 @@ def test_to_markdown_writes_mean_plus_minus_half_width_and_n(tmp_path):
 
 
 # --- figures --------------------------------------------------------------------------------------------------------
+
+
+def test_difference_table_is_welchs_t_interval():
+    rng = np.random.default_rng(0)
+    values = {"vae": rng.normal(0.94, 0.003, 3), "beta": rng.normal(0.92, 0.01, 4)}
+    values["semantic"] = rng.normal(0.9, 0.01, 3)
+    frame = pd.DataFrame(
+        [{"variant": v, "test/gsv": x, "test/units": 16.0} for v, xs in values.items() for x in xs]
+        + [{"variant": "classifier", "test/gsv": None, "test/units": None}]
+    )
+    table = difference_table(frame, baseline="vae", metrics=["test/gsv", "test/units"])
+    assert list(table.index) == ["beta", "semantic"]  # the usual order, the runs with no metric left out
+    for variant in ("beta", "semantic"):
+        test = stats.ttest_ind(values[variant], values["vae"], equal_var=False)
+        low, high = test.confidence_interval(0.95)
+        assert table.loc[variant, ("test/gsv", "mean")] == pytest.approx((low + high) / 2, rel=1e-9)
+        assert table.loc[variant, ("test/gsv", "half_width")] == pytest.approx((high - low) / 2, rel=1e-9)
+        assert table.loc[variant, ("test/gsv", "n")] == len(values[variant])
+        assert table.loc[variant, ("test/units", "mean")] == 0 and table.loc[variant, ("test/units", "half_width")] == 0
+    wider = difference_table(frame, baseline="vae", metrics=["test/gsv"], confidence=0.99)
+    assert (wider[("test/gsv", "half_width")] > table[("test/gsv", "half_width")]).all()
+    one_seed = difference_table(frame.drop(index=[1, 2]), baseline="vae", metrics=["test/gsv"])
+    assert math.isnan(one_seed.loc["semantic", ("test/gsv", "half_width")])
+    with pytest.raises(ValueError, match="no run of variant='judge'.*groups: \\['beta', 'semantic', 'vae'\\]"):
+        difference_table(frame, baseline="judge", metrics=["test/gsv"])
+
+
+def test_report_of_an_evaluation_adds_differences_from_each_baseline(tmp_path):
+    evaluation = tmp_path / "evaluation"
+    (evaluation / "models").mkdir(parents=True)
+    (evaluation / "summary.json").write_text("{}")
+    gsv = {"vae": [0.94, 0.95, 0.93], "beta": [0.92, 0.91, 0.93], "semantic": [0.90, 0.91, 0.89]}
+    betas = {"vae": 1.0, "beta": 5.0, "semantic": 1.0}
+    for variant, values in gsv.items():
+        for seed, value in enumerate(values):
+            config = {"seed": seed, "loss": {"beta": betas[variant], "semantic_weight": 10.0 * (variant == "semantic")}}
+            record = {"model": f"{variant}{seed}", "variant": variant, "config": config, "gsv_norm_heldout": value}
+            (evaluation / "models" / f"{variant}{seed}.json").write_text(json.dumps(record))
+    report = write_report(evaluation, tmp_path / "report", by_metric=True, baselines=["vae", "beta"]).read_text()
+    assert "## Differences from vae (difference of means ± 95% Welch t-interval half-width)" in report
+    assert "## Differences from beta" in report
+    half = stats.t.ppf(0.975, 4) * math.sqrt(2 * 0.01**2 / 3)  # equal spreads: Welch's df is 4
+    assert f"| test/gsv_norm_heldout | -0.02 ± {half:.2g} | -0.04 ± {half:.2g} |" in report
+    vs_beta = pd.read_csv(tmp_path / "report" / "differences_from_beta.csv", header=[0, 1], index_col=0)
+    assert list(vs_beta.index) == ["vae", "semantic"]
+    assert vs_beta.loc["semantic", ("test/gsv_norm_heldout", "mean")] == pytest.approx(-0.02)
+
+
+def test_a_sweep_over_a_loss_weight_has_no_single_baseline(tmp_path):
+    runs = tmp_path / "sweep"
+    for seed in (0, 1):
+        for weight in (0.0, 1.0, 10.0):
+            variant = "semantic" if weight else "vae"
+            config = {"seed": seed, "variant": variant, "loss": {"beta": 1.0, "semantic_weight": weight}}
+            _run(runs, f"{variant}_{weight}_{seed}", config, {"status": "finished", "test/mse": 0.01 + seed / 1000})
+    report = write_report(runs, tmp_path / "report").read_text()
+    assert "| semantic | 10.0 | 2 |" in report and "| semantic | 1.0 | 2 |" in report
+    assert "## Differences" not in report and not list((tmp_path / "report").glob("differences_*.csv"))
+    fixture = write_report(FIXTURES, tmp_path / "fixture").read_text()  # one loss setting per variant: it has them
+    section = fixture.split("## Differences from vae")[1].split("##")[0]
+    assert "| variant | n | test/mse |" in section and "| beta-semantic | 3 |" in section and "| vae |" not in section
 
 
 def test_pareto_mask_on_hand_made_points():

@@ -574,8 +574,9 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         raise
     tracker.finish()
     log.info(
-        "evaluated %d models on %d test images in %.1fs; table: %s\n%s",
+        "evaluated %d model%s on %d test images in %.1fs; table: %s\n%s",
         len(rows),
+        "" if len(rows) == 1 else "s",
         len(bench.test),
         seconds,
         run_dir / "comparison.md",

@@ -32,6 +32,7 @@ from semvae import evaluate as ev
 from semvae.data import Split, load_split
 from semvae.losses import sample_directions, vae_objective
 from semvae.models import Classifier, ResNetVAE, freeze
+from semvae.tasks import resolve_device
 from semvae.tracking import Tracker
 from semvae.train import fit, native_bf16
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring each matmul peak")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # as training does: fp32 is IEEE fp32 (TF32 off) on a GPU too
     bf16 = native_bf16(device)  # emulated bf16 takes minutes per step: measured only where it is native
 
     results: dict = {
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "native_bf16": bf16,
+        "tf32": torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,
         "peak_gflops": {
             "fp32": matmul_peak(torch.float32, device, seconds=args.peak_seconds),
             "bf16": matmul_peak(torch.bfloat16, device, seconds=args.peak_seconds) if bf16 else None,

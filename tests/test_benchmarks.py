@@ -45,6 +45,7 @@ def test_throughput_benchmark_writes_its_table(tmp_path):
     # a semantic step does strictly more work than a plain one: K*M extra decodes and (K+1)*M judge passes
     assert results["flops_per_image"]["semantic"] > 1.5 * results["flops_per_image"]["vae"] > 0
     assert results["peak_gflops"]["fp32"] > 0 and results["eval_points_directions_per_s"] > 0
+    assert results["tf32"] is False  # fp32 measured as training runs it
     table = (tmp_path / "throughput.md").read_text()
     assert "| semantic | project fp32 |" in table and "share of bf16 peak" in table
     assert ("| semantic | project bf16 |" in table) is native and ("no native bf16" in table) is not native

@@ -65,29 +65,3 @@ def weights_dir(tmp_path_factory) -> Path:
         "task=classifier", "trainer=smoke", "logger=none", f"paths.weights_dir={weights}", f"hydra.run.dir={run_dir}"
     )
     return weights
-
-
-@pytest.fixture(scope="session")
-def smoke_models(weights_dir, tmp_path_factory) -> dict[str, Path]:
-    """Smoke-trained model files for the evaluation: the held-out judge and two VAEs, beside the classifier."""
-    runs = tmp_path_factory.mktemp("smoke_runs")
-    run_py(
-        "task=classifier",
-        "classifier=judge",
-        "trainer=smoke",
-        "logger=none",
-        f"paths.weights_dir={weights_dir}",
-        f"hydra.run.dir={runs / 'judge'}",
-    )
-    files = {}
-    for variant in ("vae", "semantic"):
-        files[variant] = weights_dir / f"{variant}_smoke.pth"
-        run_py(
-            f"variant={variant}",
-            "trainer=smoke",
-            "logger=none",
-            f"paths.weights_dir={weights_dir}",
-            f"task.export={files[variant]}",
-            f"hydra.run.dir={runs / variant}",
-        )
-    return files

@@ -97,22 +97,28 @@ def write_report(
     out: str | Path | None = None,
     confidence: float = 0.95,
     by_metric: bool = False,
-    baselines: Sequence[str] = ("vae",),
+    baselines: Sequence[str] | None = None,
 ) -> Path:
     """Write ``report.md``, ``comparison.csv`` and the figures' PNGs for the runs of ``source`` (a folder, or
     ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path. ``by_metric`` writes
     the table with one row per metric and one column per group (few groups, many metrics). When the runs differ
-    only in variant and seed, the report adds each variant minus each of ``baselines``
-    (``differences_from_<baseline>.csv``)."""
+    only in variant and seed, the report adds each variant minus each of ``baselines`` (default: vae, when there
+    is one) as ``differences_from_<baseline>.csv``; a baseline given that names no variant of the runs raises
+    ValueError before anything is written."""
     source = str(source)
     local = not source.startswith("wandb:")
     if out is None and not local:
         raise ValueError("a W&B source needs an output folder")
     out = Path(out if out is not None else source)
-    out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(source, include_unfinished=True)
     failed = failed_runs(source) if local else pd.DataFrame(columns=["run_dir", "error"])
     vaes = runs[(runs["status"] == "finished") & (runs["variant"] != "classifier")]
+    variants = sorted(set(vaes["variant"].dropna()), key=variant_rank)
+    for baseline in baselines or ():
+        if baseline not in variants:
+            raise ValueError(f"--baseline {baseline}: no finished run of that variant; variants: {', '.join(variants)}")
+    baselines = baselines if baselines is not None else ["vae"]
+    out.mkdir(parents=True, exist_ok=True)
 
     lines = ["# Run report", "", *_counts(source, runs, failed), ""]
     by = grouping_keys(vaes)
@@ -151,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--baseline",
         action="append",
-        help="a variant to take differences from; repeat for several (default: vae)",
+        help="a variant to take differences from; repeat for several (default: vae, when there is one)",
     )
     args = parser.parse_args(argv)
     if args.path.startswith("wandb:"):
@@ -159,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("--out is needed with a W&B source")
     elif not Path(args.path).is_dir():
         parser.error(f"{args.path}: no such folder")
-    print(write_report(args.path, args.out, args.confidence, args.by_metric, args.baseline or ["vae"]))
+    try:
+        print(write_report(args.path, args.out, args.confidence, args.by_metric, args.baseline))
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def comparison_table(
 def welch_interval(a: pd.Series, b: pd.Series, confidence: float = 0.95) -> tuple[float, float]:
     """Difference of the means of ``a`` and ``b`` and the half-width of its Welch t-interval (unequal variances,
     Welch-Satterthwaite degrees of freedom): the runs of two variants are different models, not pairs. The half-width
-    is NaN when either side has fewer than 2 values, and 0 when both sides are constant."""
+    is NaN when either side has fewer than 2 values, and 0 when both sides are constant. It equals scipy's
+    ``ttest_ind(equal_var=False).confidence_interval``, which warns of precision loss whenever one side is constant
+    (the active units of three seeds, say), hence the formula here."""
     a, b = a.dropna().astype(float), b.dropna().astype(float)
     if len(a) == 0 or len(b) == 0:
         return math.nan, math.nan

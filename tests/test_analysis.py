@@ -277,6 +277,10 @@ def test_report_of_an_evaluation_adds_differences_from_each_baseline(tmp_path):
     vs_beta = pd.read_csv(tmp_path / "report" / "differences_from_beta.csv", header=[0, 1], index_col=0)
     assert list(vs_beta.index) == ["vae", "semantic"]
     assert vs_beta.loc["semantic", ("test/gsv_norm_heldout", "mean")] == pytest.approx(-0.02)
+    before = (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(ValueError, match="--baseline betta: no finished run of that variant; variants: vae, beta, sem"):
+        write_report(evaluation, tmp_path / "report", baselines=["vae", "betta"])
+    assert (tmp_path / "report" / "report.md").read_text() == before  # nothing rewritten
 
 
 def test_a_sweep_over_a_loss_weight_has_no_single_baseline(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -19,17 +21,24 @@ os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from semvae import rundir  # noqa: E402
 from semvae.checkpoints import CheckpointError  # noqa: E402
 from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
 from semvae.data import DataError  # noqa: E402
-from semvae.sweep import record_failure  # noqa: E402
+from semvae.stopping import StopFlag, StopRequested  # noqa: E402
+from semvae.sweep import clear_failure, record_failure  # noqa: E402
 from semvae.tasks import TASKS, check_inputs  # noqa: E402
-from semvae.train import NonFiniteLossError, StopRequested  # noqa: E402
+from semvae.train import NonFiniteLossError  # noqa: E402
 
 log = logging.getLogger("run")
 register_configs()
+rundir.register_resolver()
+
+CONF = Path(__file__).resolve().parent / "conf"
+# errors of the user's input: one line, exit status 2, nothing run
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError, rundir.RunDirBusy)
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -44,25 +53,46 @@ def main(cfg: DictConfig) -> dict | list[float] | None:
         return run_sweep_job(cfg, hc)
     try:
         return run_task(cfg, hc.runtime.output_dir, group=None)
-    except (ConfigError, DataError, CheckpointError) as error:
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except INPUT_ERRORS as error:
+        fail(error, status=2)
     except NonFiniteLossError as error:
         log.error("%s; the last good checkpoint is kept in %s", error, hc.runtime.output_dir)
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(error, status=1)
+    except OSError as error:  # a full disk, a folder that cannot be written: the message names the file
+        fail(error, status=1)
     except StopRequested as stopped:
         log.warning("%s", stopped)
-        print(f"stopped: {stopped}", file=sys.stderr)
+        print(f"stopped: {stopped}\nto continue: {resume_command(hc)}", file=sys.stderr)
         hand_on(stopped.signum)
 
 
+def fail(error: BaseException, status: int) -> None:
+    log.error("%s", error)
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(status) from None
+
+
+def resume_command(hc) -> str:
+    """The command that continues this run: its overrides, with the run dir named."""
+    hydra_overrides = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
+    args = [*hc.overrides.task, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
+    return "python run.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_dir_override(path: str) -> str:
+    """``hydra.run.dir=PATH``, quoted for Hydra's override parser where the path needs it."""
+    if re.fullmatch(r"[\w/.\-+@~%]+", str(path)):
+        return f"hydra.run.dir={path}"
+    quoted = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return f"hydra.run.dir='{quoted}'"
+
+
 def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[float]:
-    """Run the chosen task; return its summary, or the ``objectives`` values when a sweeper optimises them."""
-    config = validate(OmegaConf.to_object(cfg))
-    check_inputs(config, run_dir)
-    summary = TASKS[config.task.name](config, run_dir, group)
+    """Run the chosen task, holding its run dir and turning stop signals into a checkpoint-and-exit; return its
+    summary, or the ``objectives`` values when a sweeper optimises them."""
+    config = checked_config(cfg, run_dir)
+    with rundir.held(run_dir), StopFlag():
+        summary = TASKS[config.task.name](config, run_dir, group)
     if config.objectives:
         missing = [k for k in config.objectives if k not in summary]
         if missing:
@@ -71,29 +101,73 @@ def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[fl
     return summary
 
 
+def checked_config(cfg: DictConfig, run_dir: str):
+    """The typed config, checked with the files it needs: ConfigError, CheckpointError or DataError otherwise."""
+    config = validate(OmegaConf.to_object(cfg))
+    check_inputs(config, run_dir)
+    return config
+
+
 def run_sweep_job(cfg: DictConfig, hc) -> dict | list[float]:
     """One job of a multirun: a failure is written to the job's error.txt and the sweep goes on (SweepReport lists
     the failures at the end); a stop signal still stops the whole process after its checkpoint."""
+    job_dir = hc.runtime.output_dir
     try:
-        return run_task(cfg, hc.runtime.output_dir, group=sweep_group(hc.sweep.dir))
+        summary = run_task(cfg, job_dir, group=sweep_group(hc.sweep.dir))
     except StopRequested as stopped:
         log.warning("%s", stopped)
         hand_on(stopped.signum)
+    except rundir.RunDirBusy as error:  # another sweep's job: its folder is left alone
+        log.error("job %s not run: %s", hc.job.num, error)
+        return failed_job(cfg, error)
     except Exception as error:  # noqa: BLE001 - any failure of one job is reported, the others go on
-        path = record_failure(hc.runtime.output_dir, error)
+        path = record_failure(job_dir, error)
         log.error("job %s failed: %s: %s (see %s)", hc.job.num, type(error).__name__, error, path)
-        if cfg.get("objectives"):  # a sweeper that optimises records the trial as failed
-            return [float("nan")] * len(cfg.objectives)
-        return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return failed_job(cfg, error)
+    clear_failure(job_dir)  # an error.txt of an earlier attempt no longer holds
+    return summary
+
+
+def failed_job(cfg: DictConfig, error: BaseException) -> dict | list[float]:
+    if cfg.get("objectives"):  # a sweeper that optimises records the trial as failed
+        return [float("nan")] * len(cfg.objectives)
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 
 def hand_on(signum: int) -> None:
-    """After the checkpoint is written, pass a stop signal to whoever handled it before us (submitit requeues a
+    """After everything is saved, pass a stop signal to whoever handled it before us (submitit requeues a
     preempted SLURM job there); with nobody there, exit with the shell's code for that signal."""
     previous = signal.getsignal(signum)
-    if callable(previous):
+    if callable(previous) and previous is not signal.default_int_handler:
         signal.raise_signal(signum)
     raise SystemExit(128 + signum)
+
+
+def preflight(args: list[str]) -> str | None:
+    """Before Hydra writes anything: compose the config as Hydra will, check it and the files it needs, and lock
+    the run dir. Returns the run dir (Hydra is then told to use exactly it), or None where Hydra itself must
+    speak: a multirun (each job is checked in its own folder), Hydra's flags, or a config that does not compose
+    (Hydra reports that with the options it knows). A refused run exits with status 2 and touches no file."""
+    if any(a.startswith("-") for a in args):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
+            cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - Hydra reports it again, in its own words
+        return None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        rundir.check_free(run_dir)
+        checked_config(cfg, run_dir)
+        rundir.hold(run_dir)
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run_dir
 
 
 def check_override_keys(args: list[str]) -> None:
@@ -116,4 +190,7 @@ def check_override_keys(args: list[str]) -> None:
 
 if __name__ == "__main__":
     check_override_keys(sys.argv[1:])
+    checked_dir = preflight(sys.argv[1:])
+    if checked_dir is not None:  # Hydra runs in the folder checked and locked, not in a second ${now:}
+        sys.argv = [a for a in sys.argv if not a.startswith("hydra.run.dir=")] + [run_dir_override(checked_dir)]
     main()

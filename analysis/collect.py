@@ -58,30 +58,73 @@ def _frame(rows: Iterable[dict[str, Any]], include_unfinished: bool) -> pd.DataF
     return frame[BASE_COLUMNS + [c for c in frame.columns if c not in BASE_COLUMNS]]
 
 
+class RunFileError(ValueError):
+    """A run's config.json, summary.json or model row cannot be read; the message names the file."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run file as a dict, with the non-finite numbers that runs write as "nan", "inf", "-inf" made floats again."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFileError(f"cannot read {path}: {error}") from None
+    if not isinstance(record, dict):
+        raise RunFileError(f"cannot read {path}: not a JSON object")
+    return {key: _number(value) for key, value in record.items()}
+
+
+def _number(value: Any) -> Any:
+    return float(value) if value in ("nan", "inf", "-inf") else value
+
+
 def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataFrame:
     """Every run below ``path`` (a run dir, a sweep dir or outputs/) that wrote a summary.json.
 
     Runs whose summary's ``status`` is not "finished" (e.g. "stopped" by a signal) are left out unless
     ``include_unfinished``; summaries written before the ``status`` key existed count as finished. Runs without a
-    summary (still running, or failed: see ``failed_runs``) are never included.
+    summary (still running, or failed: see ``failed_runs``) are never included. In an evaluation folder, a model
+    listed in its config but without a row (the evaluation was stopped or killed first) is an unfinished row.
+    A file that cannot be read raises RunFileError naming it.
     """
     rows = [_evaluated_row(file) for file in sorted(Path(path).rglob("models/*.json"))]
     for summary_path in sorted(Path(path).rglob("summary.json")):
         run_dir = summary_path.parent
-        if (run_dir / "models").is_dir():  # an evaluation: its models are the rows above
-            continue
         config_path = run_dir / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        summary = json.loads(summary_path.read_text())
+        config = read_json(config_path) if config_path.exists() else {}
+        summary = read_json(summary_path)
+        if (run_dir / "models").is_dir():  # an evaluation: its models are the rows above, the missing ones here
+            rows += _unevaluated_rows(run_dir, config, summary)
+            continue
         summary.setdefault("status", "finished")
         rows.append(_row("local", str(run_dir), str(run_dir), config, summary))
     return _frame(rows, include_unfinished)
 
 
+def _unevaluated_rows(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models an evaluation lists but has no row for, with the evaluation's status (e.g. "stopped")."""
+    listed = [Path(p).stem for p in config.get("evaluation", {}).get("checkpoints", [])]
+    status = summary.get("status", "finished")
+    status = "unfinished" if status == "finished" else status
+    return [
+        {
+            "source": "local",
+            "run": str(run_dir / "models" / f"{name}.json"),
+            "run_dir": str(run_dir),
+            "model": name,
+            "status": status,
+            "variant": None,
+        }
+        for name in listed
+        if not (run_dir / "models" / f"{name}.json").exists()
+    ]
+
+
 def _evaluated_row(file: Path) -> dict[str, Any]:
     """One model of an evaluation folder (``models/<name>.json``) as a run row: the config it was trained with,
     its evaluation metrics as ``test/<metric>`` (the keys a run's own evaluation writes), its latent norms file."""
-    record = json.loads(file.read_text())
+    record = read_json(file)
+    record.pop("settings", None)
+    record.pop("checkpoint_sha256", None)
     config = record.pop("config", None) or {}
     summary = {"status": "finished", "model": record.pop("model", file.stem), "variant": record.pop("variant", None)}
     summary |= {k: record.pop(k) for k in ("epochs", "checkpoint") if k in record}

@@ -7,7 +7,10 @@ model (``weights/*.pth``) holds the model and the architecture, metrics and prov
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -22,21 +25,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def write_atomic(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename it over ``path``.
 
-    A crash at any point leaves either the previous file or the new one, never a partial file.
+    A crash at any point leaves either the previous file or the new one, never a partial file; temporary files
+    that an earlier, killed writer left beside ``path`` are removed first. The file gets the usual permissions
+    (0666 less the umask). A failed write (a full disk, say) raises OSError naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -47,6 +57,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` through ``write_atomic``.
+
+    The object is serialised in memory first, so that an error of the file system (a full disk) is reported as
+    such, and a signal during serialisation cannot leave torch's writer half done.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_atomic(buffer.getbuffer(), path)
 
 
 def export(obj: dict[str, Any], path: str | Path, overwrite: bool) -> Path:
@@ -75,17 +96,69 @@ def provenance(root: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint dict; a missing, truncated or corrupt file raises CheckpointError naming it."""
+    """Read a checkpoint dict with ``torch.load(weights_only=True)``: tensors and plain values only, so that loading
+    a file never runs code. A missing, truncated or corrupt file, or one holding other Python objects, raises
+    CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+        if refused:
+            raise CheckpointError(
+                f"refused to load {path}: it holds a Python object ({refused.group(1)}) besides tensors and plain "
+                "values, and loading it could run code; semvae files never need one"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a semvae checkpoint (no 'model' entry)")
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    """torch's unpickling errors run over many lines of advice; the line that says what is wrong is kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
+    return (specific or lines or [type(error).__name__])[0]
+
+
+# what a training checkpoint (last.pt, best.pt) holds besides the model; model files (.pth) have none of it
+TRAINING_STATE = ("optimizer", "epoch", "step", "rng")
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint to continue training from; a model file (``weights/*.pth``) is refused with a message saying
+    what ``trainer.resume`` takes."""
+    state = load(path, map_location)
+    if any(key not in state for key in TRAINING_STATE):
+        raise CheckpointError(
+            f"{path} is a model file, not a training checkpoint: it has no optimiser state or position to continue "
+            "from. trainer.resume takes a run's last.pt or best.pt"
+        )
+    return state
+
+
+def all_finite(*states: Any) -> bool:
+    """Whether every floating-point tensor in the (nested) state dicts is finite; one host read for all of them."""
+    tensors = [t for t in _tensors(states) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _tensors(tree: Any):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _tensors(value)
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path, expect: dict[str, Any]) -> nn.Module:

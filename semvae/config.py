@@ -249,8 +249,16 @@ def _require(ok: bool, key: str, message: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r}: {message}")
 
 
+MAX_SEED = 2**63 - 1024
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations that the types cannot express. Returns ``cfg``; raises ConfigError."""
+    seeds = {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed, "evaluation.seed": cfg.evaluation.seed}
+    if cfg.classifier.seed is not None:
+        seeds["classifier.seed"] = cfg.classifier.seed
+    for key, seed in seeds.items():  # torch takes 64-bit seeds; runs derive a few more from each (seed + 1, ...)
+        _require(0 <= seed < MAX_SEED, key, f"must be in [0, {MAX_SEED})", seed)
     _require(cfg.data.val_size >= 1, "data.val_size", "must be >= 1", cfg.data.val_size)
     m = cfg.model
     _require(m.latent_dim >= 1, "model.latent_dim", "must be >= 1", m.latent_dim)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     try:
         dataset = cls(str(root), train=train, download=False)
     except RuntimeError:
+        check_raw_files(root / cls.__name__ / "raw")  # present but damaged: say which file
         if mirror is not None and Path(mirror).is_dir():
             _extract_from_mirror(cls, root, Path(mirror))
             return _as_split(cls(str(root), train=train, download=False))
@@ -118,8 +120,41 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     return _as_split(dataset)
 
 
+N_CLASSES = 10  # MNIST digits, Fashion-MNIST garment classes
+
+
 def _as_split(dataset) -> Split:
-    return Split(dataset.data.unsqueeze(1).float().div_(255.0), dataset.targets.long())
+    labels = dataset.targets.long()
+    bad = ((labels < 0) | (labels >= N_CLASSES)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        files = [Path(dataset.raw_folder) / f for f in os.listdir(dataset.raw_folder) if "labels" in f]
+        raise DataError(
+            f"{dataset.__class__.__name__} labels must be in 0..{N_CLASSES - 1}; label {int(labels[i])} at index {i} "
+            f"({len(bad)} such labels) in {', '.join(sorted(map(str, files)))}"
+        )
+    return Split(dataset.data.unsqueeze(1).float().div_(255.0), labels)
+
+
+def check_raw_files(raw: Path) -> None:
+    """DataError naming the first file under ``raw`` whose size differs from what its IDX header announces
+    (a truncated copy, say). IDX: 2 zero bytes, the item type, the number of dimensions, then each dimension."""
+    if not raw.is_dir():
+        return
+    for path in sorted(raw.iterdir()):
+        if path.suffix or not path.is_file():  # the .gz downloads, temporary files
+            continue
+        data = path.read_bytes()
+        if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+            raise DataError(f"{path} is damaged: {len(data)} bytes, too short for an IDX header")
+        ndim, item_size = data[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(data[2], 1)
+        dims = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
+        expected = 4 + 4 * ndim + item_size * math.prod(dims)
+        if len(data) != expected:
+            raise DataError(
+                f"{path} is damaged: {len(data)} bytes where its header announces {expected}; replace it "
+                "(README, 'Data')"
+            )
 
 
 def train_val_split(split: Split, val_size: int, seed: int) -> tuple[Split, Split]:

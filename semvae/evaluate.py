@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from semvae import stopping
 from semvae.models import ResNetVAE
 
 Judge = Callable[[Tensor], Tensor]  # images (B, 1, 28, 28) in [0, 1] -> features (B, F)
@@ -99,6 +100,7 @@ def global_semantic_variance(
     raw = {name: [] for name in judges}
     norm = {name: [] for name in judges}
     for s in _batches(len(shifts), per_chunk):
+        stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
         k = s.stop - s.start
         codes = (z.unsqueeze(0) + shifts[s].unsqueeze(1)).reshape(k * n, latent_dim)
         images = torch.cat([decode(codes[c]) for c in _batches(len(codes), batch_size)])

@@ -52,6 +52,8 @@ from scipy import ndimage as ndi
 from torch import Tensor
 from torch.nn import functional as F
 
+from semvae import stopping
+
 MEASURES = ("area", "length", "thickness", "slant", "width", "height")
 
 BOUND_FRAC = 0.02  # fraction of the foreground left outside width and height (half on each side)
@@ -66,7 +68,11 @@ def measure(images: Tensor, upscale: int = 4, threshold: float = 0.5) -> Tensor:
     x = _as_batch(images)
     if x.shape[0] == 0:
         return torch.zeros(0, len(MEASURES))
-    return torch.cat([_measure_chunk(chunk, upscale, threshold) for chunk in x.split(CHUNK)])
+    measured = []
+    for chunk in x.split(CHUNK):
+        stopping.check("morphometrics stopped")  # a stop signal is honoured between chunks
+        measured.append(_measure_chunk(chunk, upscale, threshold))
+    return torch.cat(measured)
 
 
 def standardize(values: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,6 +28,11 @@ def record_failure(job_dir: str | Path, error: BaseException) -> Path:
     return path
 
 
+def clear_failure(job_dir: str | Path) -> None:
+    """Remove the error.txt of an earlier attempt of a job that has now succeeded."""
+    (Path(job_dir) / "error.txt").unlink(missing_ok=True)
+
+
 def failed_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Jobs of a sweep folder that left an error.txt: their folder, overrides and error line."""
     failures = []
@@ -59,10 +64,12 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
         failures = failed_jobs(sweep_dir)
+        report = sweep_dir / "failures.json"
         if not failures:
+            report.unlink(missing_ok=True)  # from an earlier run of this sweep
             log.info("sweep finished: all %d jobs succeeded (%s)", len(jobs), sweep_dir)
             return
-        (sweep_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+        report.write_text(json.dumps(failures, indent=2))
         lines = [f"{len(failures)} of {len(jobs)} jobs failed (details in {sweep_dir / 'failures.json'}):"]
         lines += [f"  job {f['job']} [{' '.join(f['overrides'])}]: {f['error']}" for f in failures]
         log.error("\n".join(lines))

@@ -24,8 +24,9 @@ from semvae.data import Split, load_split, random_shift, train_val_split
 from semvae.losses import sample_directions, vae_objective, variant_of
 from semvae.models import Classifier, ResNetVAE
 from semvae.reproduce import reproduce
+from semvae.stopping import StopFlag, StopRequested
 from semvae.tracking import Tracker
-from semvae.train import FitResult, StopFlag, StopRequested, fit, native_bf16, seed_everything, validate
+from semvae.train import FitResult, fit, native_bf16, seed_everything, validate
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,65 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
     return tree
 
 
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    """{"loss": {"beta": 1}} under "loss" -> {"loss.beta": 1}: the settings a refusal names one by one."""
+    if not isinstance(value, dict) or not value:
+        return {key: value}
+    return {k: v for name, sub in value.items() for k, v in _leaves(sub, f"{key}.{name}").items()}
+
+
 def check_resumable(cfg: Config, path: Path) -> dict[str, Any]:
-    """The checkpoint ``path`` if this config may continue it; CheckpointError naming the file and keys if not."""
-    state = checkpoints.load(path)
+    """The checkpoint ``path`` if this config may continue it; CheckpointError naming the file and, key by key,
+    the settings that differ (``loss.semantic_weight: 10.0 -> 0.0``) if not."""
+    state = checkpoints.load_training_state(path)
     stored, current = state.get("config", {}), as_plain(effective_config(cfg))
-    differing = [k for k in RESUME_KEYS if _lookup(stored, k) != _lookup(current, k)]
+    differing = []
+    for key in RESUME_KEYS:
+        then, now = _leaves(_lookup(stored, key), key), _leaves(_lookup(current, key), key)
+        changed = [k for k in sorted(then | now) if then.get(k) != now.get(k)]
+        differing += [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed]
     if differing:
-        details = "; ".join(f"{k}: checkpoint {_lookup(stored, k)!r} vs now {_lookup(current, k)!r}" for k in differing)
         raise checkpoints.CheckpointError(
-            f"{path} was written by a run with other settings ({details}); use another run dir or trainer.resume"
+            f"{path} was written by a run with other settings ({'; '.join(differing)}); use another run dir "
+            "(hydra.run.dir) or the settings it was written with"
         )
     return state
+
+
+def exported_by(run_dir: str | Path | None, path: str | Path) -> bool:
+    """Whether the model file ``path`` was exported by the run in ``run_dir`` (then that run may write it again:
+    a run stopped between its export and its summary finishes without task.overwrite)."""
+    if run_dir is None:
+        return False
+    try:
+        made_in = checkpoints.load(path).get("run_dir")
+    except checkpoints.CheckpointError:
+        return False
+    return made_in is not None and Path(made_in).resolve() == Path(run_dir).resolve()
+
+
+def check_writable(key: str, path: str | Path) -> None:
+    """ConfigError naming ``key`` if a file cannot be created at ``path``: a name too long for the file system, a
+    parent that is a file, or a folder that refuses new files. Nothing is left behind."""
+    import errno
+    import tempfile
+
+    path = Path(path)
+    limit = 255  # NAME_MAX of the usual Linux file systems
+    too_long = [part for part in path.parts if len(part.encode()) > limit]
+    if too_long:
+        raise ConfigError(f"{key}={str(path)!r}: the name {too_long[0][:40]}... is longer than {limit} bytes")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}={str(path)!r}: {ancestor} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as error:
+        reason = "the folder is read-only" if error.errno in (errno.EROFS, errno.EACCES) else error.strerror
+        raise ConfigError(f"{key}={str(path)!r}: cannot write in {ancestor}: {reason}") from None
 
 
 def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
@@ -141,8 +190,11 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
                     f"{key}: not found: {', '.join(missing)}. Train it first (README, 'Run'), point {key} at an "
                     "existing file, or drop its judge from evaluation.judges"
                 )
-    if cfg.task.export is not None and Path(cfg.task.export).exists() and not cfg.task.overwrite:
-        raise ConfigError(f"task.export={cfg.task.export!r} exists; pass task.overwrite=true to replace it")
+    export = cfg.task.export
+    if export is not None:
+        check_writable("task.export", export)
+        if Path(export).exists() and not cfg.task.overwrite and not exported_by(run_dir, export):
+            raise ConfigError(f"task.export={export!r} exists; pass task.overwrite=true to replace it")
 
 
 def _setup(cfg: Config) -> torch.device:
@@ -232,7 +284,7 @@ def _tracked_fit(
                 _fit_kwargs(cfg, run_dir, tracker, resume) | {"stop": stop, "checkpoint_extra": checkpoint_extra},
             )
     except StopRequested as stopped:
-        tracker.update_summary({"status": "stopped", "stopped_at_step": stopped.step})
+        tracker.update_summary({"status": "stopped", "stopped_at_step": stopped.step, "stop": str(stopped)})
         tracker.finish(exit_code=128 + stopped.signum)
         raise
     except BaseException:
@@ -274,10 +326,12 @@ def _finish(
         **summary,
     }
     final = tracker.run_dir / "model.pth"
-    checkpoints.save_atomic(model_file | {"summary": summary}, final)
-    if cfg.task.export is not None:
-        checkpoints.export(model_file | {"summary": summary}, cfg.task.export, overwrite=cfg.task.overwrite)
-        summary["export"] = str(cfg.task.export)
+    model_file = model_file | {"summary": summary, "run_dir": str(tracker.run_dir.resolve())}
+    checkpoints.save_atomic(model_file, final)
+    export = cfg.task.export
+    if export is not None:
+        checkpoints.export(model_file, export, overwrite=cfg.task.overwrite or exported_by(tracker.run_dir, export))
+        summary["export"] = str(export)
     tracker.update_summary(summary)
     tracker.log_checkpoint(final, name=cfg.name, metadata={k: v for k, v in summary.items() if k != "export"})
     log.info(
@@ -385,7 +439,16 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
             **fit_kwargs,
         )
         if cfg.task.evaluate:
-            extra.update(evaluate_trained(cfg, vae, device, run_dir, tracker))
+            try:
+                extra.update(evaluate_trained(cfg, vae, device, run_dir, tracker))
+            except StopRequested as stopped:
+                raise StopRequested(
+                    stopped.signum,
+                    f"training is complete (step {result.steps}, {result.last_checkpoint}) and its evaluation was "
+                    "stopped; it runs again on resume",
+                    result.last_checkpoint,
+                    result.steps,
+                ) from None
         return _finish(cfg, tracker, result, {"model": vae.state_dict(), **model_file}, extra)
 
     return _tracked_fit(cfg, run_dir, group, variant, extra, {"architecture": architecture}, run)
@@ -516,12 +579,29 @@ def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir:
     return {f"test/{k}": v for k, v in metrics.items()}
 
 
+def evaluation_settings(cfg: Config) -> dict[str, Any]:
+    """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and the
+    device) and the judges' files. A model row written with other settings is evaluated again."""
+    e = as_plain(cfg.evaluation)
+    return {k: v for k, v in e.items() if k not in ("checkpoints", "device")} | {
+        "classifier.checkpoint": cfg.classifier.checkpoint,
+        "data.name": cfg.data.name.value,
+    }
+
+
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
     """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and, per model,
-    ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``."""
+    ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``.
+
+    Each model's row is written as soon as it is measured. Run again in the same run dir, the task keeps the rows
+    of the same files measured with the same settings and evaluates only the others; a stop signal ends it after
+    saving the rows it has (summary ``status: stopped``)."""
+    import json
+
     import numpy as np
 
     from semvae import comparison
+    from semvae.manifest import sha256
     from semvae.tracking import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -534,53 +614,82 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         raise ConfigError(f"evaluation.checkpoints={e.checkpoints}: file names must differ (they name the rows)")
     # load everything first: a wrong file fails before any computation
     models = {name: checkpoints.load_vae(path, device) for name, path in zip(names, e.checkpoints, strict=True)}
-    bench = EvaluationBench.prepare(cfg, device)
+    settings = evaluation_settings(cfg)
+    files = {name: (str(path), sha256(path)) for name, path in zip(names, e.checkpoints, strict=True)}
+    rows: dict[str, dict[str, Any]] = {}
+    norms: dict[str, Tensor] = {}
+    for name in names:  # rows of an earlier, stopped run of this evaluation
+        record, norm_file = run_dir / "models" / f"{name}.json", run_dir / "models" / f"{name}_latent_norms.npy"
+        if record.is_file() and norm_file.is_file():
+            saved = json.loads(record.read_text())
+            if (saved.get("checkpoint"), saved.get("checkpoint_sha256")) == files[name] and saved.get(
+                "settings"
+            ) == settings:
+                rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")}
+                norms[name] = torch.from_numpy(np.load(norm_file))
+    if rows:
+        log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
     started = time.perf_counter()
     tracker = _tracker(cfg, run_dir, job_type="evaluate", group=group, extra={"models": names})
     try:
-        rows, norms = [], {}
+        bench = EvaluationBench.prepare(cfg, device)
         (run_dir / "models").mkdir(exist_ok=True)
         for name, (vae, state) in models.items():
-            log.info("evaluating %s (%s)", name, state.get("variant", "?"))
+            if name in rows:
+                continue
+            log.info("evaluating %s (%s), model %d of %d", name, state.get("variant", "?"), len(rows) + 1, len(names))
             metrics, images, norms[name] = bench.evaluate(vae)
             row = {
                 "model": name,
                 "variant": state.get("variant"),
                 "epochs": state.get("summary", {}).get("epochs"),
-                "checkpoint": str(e.checkpoints[names.index(name)]),
+                "checkpoint": files[name][0],
+                "checkpoint_sha256": files[name][1],
                 **metrics,
             }
-            rows.append(row)
-            write_json_atomic(row | {"config": state.get("config")}, run_dir / "models" / f"{name}.json")
             np.save(run_dir / "models" / f"{name}_latent_norms.npy", norms[name].numpy().astype(np.float32))
             # W&B keys interpolations/NAME put every model's grid in one panel section; files interpolations_NAME.png
             tracker.log_images({f"interpolations/{name}": images["interpolations"]}, 0, nrow=e.interpolation_steps)
             tracker.log_images({f"traversals/{name}": images["traversals"]}, 0, nrow=e.traversal_steps)
+            record = row | {"config": state.get("config"), "settings": settings}
+            write_json_atomic(record, run_dir / "models" / f"{name}.json")  # last: the row marks the model as done
+            rows[name] = row
+        rows_in_order = [rows[name] for name in names]
         import pandas as pd
 
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame(rows_in_order)
         frame.to_csv(run_dir / "comparison.csv", index=False)
-        (run_dir / "comparison.md").write_text(comparison.markdown_table(rows))
-        comparison.latent_norm_figure(norms, {r["model"]: r["latent_dim"] for r in rows}, run_dir / "latent_norms.png")
-        comparison.gsv_figure(rows, run_dir / "gsv.png")
+        (run_dir / "comparison.md").write_text(comparison.markdown_table(rows_in_order))
+        latent_dims = {r["model"]: r["latent_dim"] for r in rows_in_order}
+        comparison.latent_norm_figure(norms, latent_dims, run_dir / "latent_norms.png")
+        comparison.gsv_figure(rows_in_order, run_dir / "gsv.png")
         seconds = time.perf_counter() - started
-        summary = {"eval_seconds": round(seconds, 2), "n_test": len(bench.test), "models": names}
-        summary |= {f"{r['model']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, int | float)}
+        summary = {"status": "finished", "eval_seconds": round(seconds, 2), "n_test": len(bench.test), "models": names}
+        summary |= {f"{r['model']}/{k}": v for r in rows_in_order for k, v in r.items() if isinstance(v, int | float)}
         tracker.update_summary(summary)
         tracker.log_table("comparison", frame)
         tracker.log_files({"latent_norms": run_dir / "latent_norms.png", "gsv": run_dir / "gsv.png"})
+    except StopRequested as stopped:
+        done = [name for name in names if name in rows]
+        tracker.update_summary({"status": "stopped", "models": names, "evaluated": done})
+        tracker.finish(exit_code=128 + stopped.signum)
+        raise StopRequested(
+            stopped.signum,
+            f"{len(done)} of {len(names)} models evaluated, their rows saved in {run_dir / 'models'}; "
+            "the same command in the same run dir evaluates the others",
+        ) from None
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
     log.info(
         "evaluated %d model%s on %d test images in %.1fs; table: %s\n%s",
-        len(rows),
-        "" if len(rows) == 1 else "s",
+        len(names),
+        "" if len(names) == 1 else "s",
         len(bench.test),
         seconds,
         run_dir / "comparison.md",
-        comparison.markdown_table(rows),
+        comparison.markdown_table(rows_in_order),
     )
     return summary
 

@@ -6,7 +6,9 @@ Every run writes, in its run dir:
 - ``summary.json``: the final metrics, rewritten atomically whenever the summary changes;
 - images as PNG beside them.
 W&B gets the same scalars and images, the config, and the final checkpoint as an artifact. A W&B start-up
-failure never stops training: online mode falls back to offline, and offline to local files only, with a warning.
+failure never stops training: online mode falls back to offline, and offline to local files only, with a warning;
+a W&B call that fails later (a full or read-only disk under W&B's folders, say) ends W&B for this run, with a
+warning, and the run goes on with its local files.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import logging
 import math
 import netrc
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from semvae.checkpoints import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(text.encode(), path)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -124,24 +120,45 @@ class Tracker:
         """The W&B run id (kept in checkpoints, so that a resumed run logs into the same W&B run)."""
         return self.run.id if self.run is not None else None
 
-    @property
-    def wandb_dir(self) -> Path | None:
-        """The W&B run folder (``.../wandb/offline-run-*``), or None without W&B."""
-        return Path(self.run.dir).parent if self.run is not None else None
+    def _wandb(self, what: str, call, *args, **kwargs) -> None:
+        """Make one W&B call; if it fails, say so, stop using W&B in this run and go on with the local files."""
+        if self.run is None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - logging must never fail a run
+            log.warning(
+                "W&B failed while %s (%s: %s); this run goes on without W&B, its results are in %s",
+                what,
+                type(error).__name__,
+                error,
+                self.run_dir,
+            )
+            run, self.run = self.run, None
+            try:
+                run.finish(exit_code=1, quiet=True)
+            except Exception:  # noqa: BLE001 - already reported
+                pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: _jsonable(float(v)) for k, v in metrics.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.run is not None:
-            self.run.log(dict(metrics), step=step)
+        self._wandb("logging metrics", lambda: self.run.log(dict(metrics), step=step))
 
     def forget_after(self, step: int) -> None:
         """Drop the local records of steps after ``step`` (a resumed run logs them again)."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for number, line in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+                log.warning("%s: line %d is damaged and is dropped", self.metrics_path, number)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         write_text_atomic("".join(line + "\n" for line in kept), self.metrics_path)
 
     def log_images(self, images: dict[str, Tensor], step: int, nrow: int = 8) -> None:
@@ -157,41 +174,43 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(grid) for key, grid in grids.items()}, step=step)
+            logged = lambda: self.run.log({k: wandb.Image(g) for k, g in grids.items()}, step=step)  # noqa: E731
+            self._wandb("logging images", logged)
 
     def log_table(self, key: str, frame) -> None:
         """A pandas DataFrame as a W&B table (the run dir already holds it as CSV)."""
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(dataframe=frame)})
+            self._wandb("logging a table", lambda: self.run.log({key: wandb.Table(dataframe=frame)}))
 
     def log_files(self, images: dict[str, str | Path]) -> None:
         """Figures already saved as PNG, logged to W&B as images."""
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
+            self._wandb("logging figures", lambda: self.run.log({k: wandb.Image(str(p)) for k, p in images.items()}))
 
     def update_summary(self, values: dict[str, Any]) -> None:
         self.summary.update({k: _jsonable(v) for k, v in values.items()})
         write_json_atomic(self.summary, self.summary_path)
-        if self.run is not None:
-            self.run.summary.update(values)
+        self._wandb("updating the summary", lambda: self.run.summary.update(values))
 
     def log_checkpoint(self, path: str | Path, name: str, metadata: dict[str, Any]) -> None:
         if self.run is None or not self.log_artifacts:
             return
         import wandb
 
-        artifact = wandb.Artifact(name=_artifact_name(name), type="model", metadata=metadata)
-        artifact.add_file(str(path))
-        self.run.log_artifact(artifact)
+        def upload() -> None:
+            artifact = wandb.Artifact(name=_artifact_name(name), type="model", metadata=metadata)
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+        self._wandb("logging the model as an artifact", upload)
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        self._wandb("finishing", lambda: self.run.finish(exit_code=exit_code))
+        self.run = None
 
 
 def _artifact_name(name: str) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 
 from semvae import checkpoints
 from semvae.data import Split, batch_indices
+from semvae.stopping import StopFlag, StopRequested
 from semvae.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,6 @@ class FitResult:
     best_value: float
     history: list[dict[str, float]] = field(default_factory=list)
     last_checkpoint: Path | None = None
-    best_checkpoint: Path | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -118,47 +116,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-class StopRequested(RuntimeError):
-    """The run was asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a kill or a cluster's preemption notice) and saved a
-    checkpoint to continue from."""
-
-    def __init__(self, signum: int, checkpoint: Path, step: int):
-        self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} received: checkpoint saved at step {step} in {checkpoint}; run the same command "
-            "again (same run dir) or pass trainer.resume=<that file> to continue"
-        )
-
-
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
-
-
-class StopFlag:
-    """Turns stop signals into a flag that the loop checks between steps; restores the old handlers on exit.
-
-    The handlers that were installed before (e.g. submitit's, which requeues a preempted SLURM job) are kept in
-    ``previous`` so that the caller can hand the signal on once the checkpoint is written.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for sig in STOP_SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def fit(
     model: nn.Module,
     train: Split,
@@ -221,11 +178,12 @@ def fit(
         raise ValueError(f"trainer.lr_schedule={lr_schedule!r}: allowed values: constant, cosine")
     sign = 1.0 if monitor_mode == "min" else -1.0
     done_epochs, step, best_value, best_epoch, history = 0, 0, math.inf, 0, []
+    seconds_before = 0.0  # training time of the segments before a resume
     val_metrics: dict[str, float] = {}
     position, epoch_generator, epoch_sum, epoch_steps = 0, None, None, 0  # progress inside an unfinished epoch
 
     if resume is not None:
-        state = checkpoints.load(resume, map_location=train.images.device)
+        state = checkpoints.load_training_state(resume, map_location=train.images.device)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -237,6 +195,7 @@ def fit(
         done_epochs, step = state["epoch"], state["step"]
         best_value, best_epoch, history = state["best_value"], state["best_epoch"], state["history"]
         val_metrics = state.get("val", {})
+        seconds_before = state.get("seconds", 0.0)
         position, epoch_generator = state.get("position", 0), state.get("epoch_generator")
         epoch_sum, epoch_steps = state.get("epoch_sum"), state.get("epoch_steps", 0)
         tracker.forget_after(step)  # records logged after this checkpoint are logged again
@@ -261,8 +220,18 @@ def fit(
             "best_epoch": best_epoch,
             "history": history,
             "val": val_metrics,
+            "seconds": seconds_before + time.perf_counter() - started,
             **(checkpoint_extra or {}),
         }
+
+    def save(state: dict[str, Any], path: Path, epoch: int) -> None:
+        """Write a checkpoint, unless its weights went non-finite: then the last finite one stays."""
+        if not checkpoints.all_finite(state["model"], state["optimizer"]["state"]):
+            raise NonFiniteLossError(
+                f"non-finite weights after step {step} (epoch {epoch}); not saved, the last finite checkpoint "
+                f"{paths['last']} is kept"
+            )
+        checkpoints.save_atomic(state, path)
 
     started = time.perf_counter()
     last_saved = step
@@ -316,11 +285,11 @@ def fit(
                 running, since_log = None, 0
                 due = checkpoint_every is not None and step - last_saved >= checkpoint_every
                 if (stopping or due) and i < n_batches - 1:
-                    checkpoints.save_atomic(training_state(epoch - 1, i + 1), paths["last"])
+                    save(training_state(epoch - 1, i + 1), paths["last"], epoch)
                     last_saved = step
                 if stopping and i < n_batches - 1:
                     bar.close()
-                    raise StopRequested(stop.signum, paths["last"], step)
+                    raise _stopped(stop.signum, paths["last"], step)
         bar.close()
         position = 0
 
@@ -345,23 +314,25 @@ def fit(
         if improved:
             best_value, best_epoch = value, epoch
         state = training_state(epoch, 0)
-        checkpoints.save_atomic(state, paths["last"])
+        save(state, paths["last"], epoch)
         last_saved = step
         if improved:
             checkpoints.save_atomic(state, paths["best"])
         log.info("epoch %d/%d  %s", epoch, epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         if stop is not None and stop.signum is not None and epoch < epochs:
-            raise StopRequested(stop.signum, paths["last"], step)
+            raise _stopped(stop.signum, paths["last"], step)
 
-    seconds = time.perf_counter() - started
     return FitResult(
         epochs=epochs,
         steps=step,
-        seconds=seconds,
+        seconds=seconds_before + time.perf_counter() - started,
         val=val_metrics,
         best_epoch=best_epoch,
         best_value=best_value,
         history=history,
         last_checkpoint=paths["last"],
-        best_checkpoint=paths["best"] if paths["best"].exists() else None,
     )
+
+
+def _stopped(signum: int, checkpoint: Path, step: int) -> StopRequested:
+    return StopRequested(signum, f"checkpoint saved at step {step} in {checkpoint}", checkpoint, step)

@@ -2,11 +2,17 @@
 (``weights/``, read only: the evaluation writes into its run dir)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 
+from analysis.report import write_report
 from semvae.comparison import TABLE_COLUMNS
-from tests.conftest import ROOT, read_summary, run_py
+from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
 
 WEIGHTS = ROOT / "weights"
 MODELS = {"vae": WEIGHTS / "VAE_epoch50.pth", "semantic": WEIGHTS / "semanticVAE_epoch50.pth"}
@@ -90,3 +96,48 @@ def test_evaluate_rejects_a_classifier_that_does_not_match_its_config(tmp_path):
     assert proc.returncode == 2
     assert f"{WEIGHTS}/classifier.pth does not match the configured model" in proc.stderr
     assert "widths: checkpoint [16, 32, 64] vs config [8, 16, 32]" in proc.stderr
+
+
+def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluates_only_the_rest(tmp_path):
+    run_dir = tmp_path / "eval"
+    files = [WEIGHTS / "VAE_epoch50.pth", WEIGHTS / "b5-VAE_epoch50.pth", WEIGHTS / "semanticVAE_epoch50.pth"]
+    args = [
+        "task=evaluate",
+        f"evaluation.checkpoints=[{','.join(map(str, files))}]",
+        f"paths.weights_dir={WEIGHTS}",
+        "evaluation.judges=[train,heldout]",
+        "evaluation.limit_test=200",
+        "evaluation.n_points=40",
+        "evaluation.morpho_points=10",
+        "evaluation.n_random_directions=1",
+        "evaluation.steps=[1.0]",
+        "trainer.device=cpu",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = os.environ | {"SEMVAE_DATA_DIR": str(DATA_DIR)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env, stderr=subprocess.PIPE, text=True)
+    first = run_dir / "models" / "VAE_epoch50.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - signalled < 20  # not the minutes the rest of the evaluation would take
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM received: 1 of 3 models evaluated" in stderr and "Traceback" not in stderr
+    assert "to continue: python run.py task=evaluate" in stderr
+    summary = read_summary(run_dir)
+    assert summary["status"] == "stopped" and summary["evaluated"] == ["VAE_epoch50"]
+
+    report = write_report(run_dir, tmp_path / "report")  # the stopped evaluation is reported as partial
+    text = report.read_text()
+    assert "- finished runs: 1 (vae: 1)" in text and "- unfinished runs (left out): 2 (stopped)" in text
+
+    row = first.read_bytes()
+    again = run_py(*args)
+    assert "kept the rows already written" in again.stderr + again.stdout
+    assert first.read_bytes() == row  # not evaluated again
+    assert read_summary(run_dir)["status"] == "finished"
+    assert list(pd.read_csv(run_dir / "comparison.csv")["model"]) == [p.stem for p in files]

@@ -11,13 +11,14 @@ import time
 import pytest
 import torch
 
-from semvae import checkpoints
+from semvae import checkpoints, rundir
 from semvae.data import Split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
 from semvae.tracking import Tracker
 from semvae.train import StopFlag, StopRequested, fit
 from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
+from tests.test_nothing_lost import Payload
 
 # long enough to be interrupted: 2 epochs of 24 batches, a checkpoint every 3 steps
 LONG = ["trainer=smoke", "trainer.limit_train_batches=24", "trainer.checkpoint_every=3", "logger=none"]
@@ -54,7 +55,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _same_model(a, b):
-    ma, mb = (torch.load(d / "model.pth", weights_only=False)["model"] for d in (a, b))
+    ma, mb = (checkpoints.load(d / "model.pth")["model"] for d in (a, b))
     return all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
@@ -66,14 +67,17 @@ def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, 
     assert proc.wait() == -signal.SIGKILL
     killed_at = checkpoints.load(run_dir / "last.pt")
     assert killed_at["position"] > 0 and killed_at["step"] < 48
+    (run_dir / ".last.pt.left-by-kill.tmp").write_bytes(b"partial")  # as a kill during a save leaves it
     run_py(*LONG, f"hydra.run.dir={run_dir}")  # the same command, the same run dir
+    assert not list(run_dir.glob(".*.tmp"))
+    assert read_summary(run_dir)["train_seconds"] > killed_at["seconds"]  # both segments count
     assert _same_model(run_dir, uninterrupted)
     assert read_summary(run_dir)["val/loss"] == read_summary(uninterrupted)["val/loss"]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 2  # no step twice (but each epoch's record)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])  # Ctrl-C; SLURM's notice
 def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
@@ -82,6 +86,7 @@ def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, unint
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert f"{signal.Signals(sig).name} received: checkpoint saved at step" in stderr
+    assert f"to continue: python run.py {' '.join(LONG)} hydra.run.dir={run_dir}\n" in stderr
     assert "Traceback" not in stderr
     summary = read_summary(run_dir)
     state = checkpoints.load(run_dir / "last.pt")
@@ -136,17 +141,88 @@ def test_stop_flag_checkpoints_mid_epoch_and_resume_matches(tmp_path):
     )
 
 
-def test_a_run_dir_is_not_continued_with_other_settings(tmp_path):
+def test_a_refused_run_changes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     run_py("trainer=smoke", "logger=none", f"hydra.run.dir={run_dir}")
-    before = (run_dir / "last.pt").read_bytes(), (run_dir / "model.pth").read_bytes()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_py(
         "trainer=smoke", "logger=none", "loss.beta=5", "model.latent_dim=8", f"hydra.run.dir={run_dir}", check=False
     )
     assert proc.returncode == 2
     assert f"{run_dir}/last.pt was written by a run with other settings" in proc.stderr
-    assert "model: checkpoint" in proc.stderr and "loss: checkpoint" in proc.stderr
-    assert ((run_dir / "last.pt").read_bytes(), (run_dir / "model.pth").read_bytes()) == before
+    assert "loss.beta: 1.0 -> 5.0" in proc.stderr and "model.latent_dim: 16 -> 8" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # .hydra/ and run.log too
+    proc = run_py("trainer=smoke", "loss.beta=-1", f"paths.output_dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and "loss.beta=-1.0: must be >= 0" in proc.stderr
+    assert not (tmp_path / "out").exists()  # a bad override makes no run dir
+
+
+def test_a_crafted_checkpoint_is_refused_before_it_can_run_code(tmp_path):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "epoch": 0, "step": 0, "rng": {}, "x": Payload(marker)}, evil)
+    run_dir = tmp_path / "run"
+    proc = run_py("trainer=smoke", "logger=none", f"trainer.resume={evil}", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and f"error: refused to load {evil}" in proc.stderr
+    assert not marker.exists() and not run_dir.exists()
+
+
+def test_runs_started_together_get_their_own_folders_and_a_held_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    args = ["trainer=smoke", "trainer.epochs=1", "trainer.limit_train_batches=2", "logger=none"]
+    args.append(f"paths.output_dir={out}")
+    procs = [_popen(*args, f"seed={seed}") for seed in (0, 1)]
+    assert [proc.wait(timeout=300) for proc in procs] == [0, 0]
+    runs = sorted((out / "runs").glob("*/*"))
+    assert len(runs) == 2
+    for run in runs:  # each folder's files are its own run's
+        seed = json.loads((run / "config.json").read_text())["seed"]
+        assert checkpoints.load(run / "model.pth")["config"]["seed"] == seed
+        assert checkpoints.load(run / "last.pt")["config"]["seed"] == seed
+    held = rundir.hold(tmp_path / "held")  # this test process holds it
+    try:
+        proc = run_py("trainer=smoke", "logger=none", f"hydra.run.dir={held}", check=False)
+    finally:
+        rundir.release(held)
+    assert proc.returncode == 2
+    assert f"error: {held} is in use by another run (pid {os.getpid()} on" in proc.stderr
+    assert sorted(p.name for p in held.iterdir()) == [".lock"]
+
+
+def _popen(*overrides):
+    env = os.environ | {"SEMVAE_DATA_DIR": str(DATA_DIR), "WANDB_ERROR_REPORTING": "false"}
+    env.pop(rundir.LAUNCH_ID_ENV, None)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB file system: room for a run's small files, not for its checkpoints. Needs root (mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tiny_disk):
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024 - 400 * 1024))  # leaves less than a checkpoint (1 MB)
+    run_dir = tiny_disk / "run"
+    proc = run_py("trainer=smoke", "logger=none", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [Errno 28] cannot write {run_dir}/last.pt: No space left on device"), last
+    assert "Traceback" not in proc.stderr and not list(run_dir.glob(".*.tmp"))
 
 
 def test_damaged_checkpoint_is_named_and_nothing_runs(tmp_path):
@@ -157,22 +233,21 @@ def test_damaged_checkpoint_is_named_and_nothing_runs(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_an_infinite_learning_rate_stops_the_run_and_writes_no_non_finite_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_py(
         "trainer=smoke",
         "logger=none",
-        "trainer.lr=1e12",
+        "trainer.lr=inf",
+        "trainer.checkpoint_every=1",
+        "trainer.log_every=1",
         "trainer.limit_train_batches=20",
         f"hydra.run.dir={run_dir}",
         check=False,
     )
     assert proc.returncode == 1
-    assert "non-finite loss at step" in proc.stderr and "recon=" in proc.stderr and "kl=" in proc.stderr
-    if (run_dir / "last.pt").exists():  # written before the divergence: finite
-        state = checkpoints.load(run_dir / "last.pt")
-        assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert not (run_dir / "model.pth").exists()
+    assert "error: non-finite weights after step 1 (epoch 1); not saved" in proc.stderr
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "model.pth").exists()
 
 
 def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path):

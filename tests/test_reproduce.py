@@ -1,10 +1,9 @@
 """``python run.py experiment=reproduce`` end to end at smoke size: every stage, the file names, the skip of finished
 stages on a second call, and the table over seeds that ``analysis.report`` makes of its evaluation."""
 
-import torch
-
 from analysis.collect import collect_runs
 from analysis.report import write_report
+from semvae import checkpoints
 from semvae.reproduce import passed_on
 from tests.conftest import run_py
 
@@ -36,9 +35,9 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
     assert sorted(p.name for p in weights.glob("*.pth")) == expected
     seeds = sorted(p.name for p in (weights / "seeds").glob("*.pth"))
     assert seeds == ["VAE_seed1_epoch1.pth", "b5-VAE_seed1_epoch1.pth", "semanticVAE_seed1_epoch1.pth"]
-    b5 = torch.load(weights / "seeds" / "b5-VAE_seed1_epoch1.pth", weights_only=False)
+    b5 = checkpoints.load(weights / "seeds" / "b5-VAE_seed1_epoch1.pth")
     assert b5["config"]["seed"] == 1 and b5["config"]["loss"]["beta"] == 5.0 and b5["summary"]["epochs"] == 1
-    semantic = torch.load(weights / "semanticVAE_epoch1.pth", weights_only=False)
+    semantic = checkpoints.load(weights / "semanticVAE_epoch1.pth")
     assert semantic["config"]["classifier"]["checkpoint"] == str(weights / "classifier.pth")
     for stage in ("classifier_resnet", "classifier_judge", "VAE_s0", "b5-VAE_s1", "semanticVAE_s1"):
         assert (run_dir / stage / "summary.json").is_file(), stage

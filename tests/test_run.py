@@ -107,7 +107,7 @@ def test_overrides_reach_the_model_and_the_data(tmp_path):
 def test_same_seed_same_run(tmp_path):
     for name in ("a", "b"):
         run_py("trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / name}")
-    a, b = (torch.load(tmp_path / n / "model.pth", weights_only=False)["model"] for n in ("a", "b"))
+    a, b = (checkpoints.load(tmp_path / n / "model.pth")["model"] for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

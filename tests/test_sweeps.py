@@ -1,12 +1,20 @@
-"""Sweeps through Hydra's launcher and sweeper plugins: joblib in parallel, submitit's local executor, Optuna."""
+"""Sweeps through Hydra's launcher and sweeper plugins: the local launcher (a process per job), submitit's local
+executor, Optuna."""
 
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
 
 import yaml
 from hydra import compose, initialize_config_dir
 
 from semvae.config import register_configs
-from tests.conftest import ROOT, read_summary, run_py
+from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
 
 TINY = ["trainer=smoke", "trainer.epochs=1", "logger=none"]
 TINY_EVAL = [
@@ -23,7 +31,13 @@ def _jobs(sweep):
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-def test_joblib_runs_jobs_in_parallel_without_oversubscribing(tmp_path):
+def _span(job):
+    """When a job's run.log says it started and ended."""
+    stamps = [line[1:24] for line in (job / "run.log").read_text().splitlines() if line.startswith("[20")]
+    return datetime.fromisoformat(stamps[0].replace(",", ".")), datetime.fromisoformat(stamps[-1].replace(",", "."))
+
+
+def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_path):
     sweep = tmp_path / "sweep"
     run_py("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
     jobs = _jobs(sweep)
@@ -32,16 +46,43 @@ def test_joblib_runs_jobs_in_parallel_without_oversubscribing(tmp_path):
         summary = read_summary(job)
         assert summary["status"] == "finished"
         assert summary["torch_threads"] == max(1, os.cpu_count() // 2)  # the cores shared between 2 jobs
+    (start0, end0), (start1, end1) = (_span(job) for job in jobs)
+    assert start1 < end0 and start0 < end1  # they overlapped
 
 
-def test_joblib_sweep_reports_a_failing_job_and_finishes_the_rest(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_py(
-        "-m", "hydra/launcher=local", *TINY, "loss.semantic_weight=0,-1", f"hydra.sweep.dir={sweep}", check=False
-    )
-    assert proc.returncode == 1 and "1 of 2 jobs failed" in proc.stdout + proc.stderr
-    assert read_summary(sweep / "0")["status"] == "finished"
-    assert "loss.semantic_weight=-1.0: must be >= 0" in (sweep / "1" / "error.txt").read_text()
+def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_hold(tmp_path, weights_dir):
+    sweep, weights = tmp_path / "sweep", tmp_path / "weights"
+    weights.mkdir()  # no classifier yet: the semantic job fails
+    args = [
+        "-m",
+        "hydra/launcher=local",
+        *TINY,
+        "trainer.limit_train_batches=20",
+        "loss.semantic_weight=0,1",
+        f"paths.weights_dir={weights}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = os.environ | {"SEMVAE_DATA_DIR": str(DATA_DIR)}
+    command = [sys.executable, str(ROOT / "run.py"), *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (sweep / "0" / "last.pt").exists() and (sweep / "0" / ".lock").exists():
+            break
+        time.sleep(0.05)
+    job_pid = json.loads((sweep / "0" / ".lock").read_text())["pid"]
+    assert job_pid != proc.pid
+    os.kill(job_pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "2 of 2 jobs failed" in output
+    assert "the job's process was killed by SIGKILL" in (sweep / "0" / "error.txt").read_text()
+    assert "classifier.checkpoint" in (sweep / "1" / "error.txt").read_text()
+    assert len(json.loads((sweep / "failures.json").read_text())) == 2
+
+    shutil.copy(weights_dir / "classifier.pth", weights / "classifier.pth")
+    run_py(*args)  # the same sweep again: job 0 resumes, job 1 now finds its classifier
+    assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished", "finished"]
+    assert not list(sweep.glob("*/error.txt")) and not (sweep / "failures.json").exists()
 
 
 def test_submitit_local_executor_runs_a_sweep(tmp_path):

@@ -1,0 +1,157 @@
+"""``hydra/launcher=local``: the jobs of a multirun in parallel on this machine, each in a process of its own.
+
+At most ``n_jobs`` jobs run at a time, each with ``cores // n_jobs`` torch threads (``trainer.num_threads``
+overrides it; ``summary.json`` records it as ``torch_threads``). Because every job has its own process, one that
+dies (``kill -9``, the out-of-memory killer) fails alone: its folder gets an ``error.txt`` naming how it ended, the
+other jobs go on, and the sweep lists it at the end like any failed job (``semvae.sweep.SweepReport``). A pool of
+reused workers (joblib's loky) would abort the whole sweep instead. SIGTERM or Ctrl-C to the sweep is passed on to
+the running jobs, which save their checkpoints; no new job starts, and the sweep exits with 128 + the signal.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessesLauncherConf:
+    _target_: str = "hydra_plugins.semvae_launcher.processes.ProcessesLauncher"
+    n_jobs: int = 2  # jobs running at the same time
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="processes", node=ProcessesLauncherConf, provider="semvae")
+
+
+class ProcessesLauncher(Launcher):
+    def __init__(self, n_jobs: int = 2) -> None:
+        if n_jobs < 1:
+            raise ValueError(f"hydra.launcher.n_jobs={n_jobs}: must be >= 1")
+        self.n_jobs = n_jobs
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // min(self.n_jobs, len(job_overrides)))
+        log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}, {self.n_jobs} at a time in their own processes")
+        # fork: the job processes inherit the task function and the composed configs as they are in memory
+        context = multiprocessing.get_context("fork")
+        pending = list(enumerate(job_overrides, start=initial_job_idx))
+        running: dict[Any, tuple[int, Sequence[str], DictConfig, Any]] = {}
+        results: dict[int, JobReturn] = {}
+        stop = _ForwardStops(lambda: [process for *_, process in running.values()])
+        with stop:
+            while pending or running:
+                while pending and len(running) < self.n_jobs and stop.signum is None:
+                    idx, overrides = pending.pop(0)
+                    log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+                    config = self._job_config(overrides, idx)
+                    reader, writer = context.Pipe(duplex=False)
+                    process = context.Process(target=_run, args=(writer, self, config, threads), daemon=False)
+                    process.start()
+                    writer.close()
+                    running[reader] = (idx, overrides, config, process)
+                if not running:
+                    break
+                for reader in wait(list(running)):
+                    idx, overrides, config, process = running.pop(reader)
+                    try:
+                        results[idx] = reader.recv()
+                    except EOFError:  # the process died before it could answer
+                        process.join()
+                        results[idx] = self._died(overrides, config, process.exitcode)
+                    reader.close()
+                    process.join()
+        if stop.signum is not None:
+            raise SystemExit(128 + stop.signum)
+        return [results[i] for i in sorted(results)]
+
+    def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config.hydra.job):
+            config.hydra.job.id = f"{config.hydra.job.name}_{idx}"
+            config.hydra.job.num = idx
+        return config
+
+    def _died(self, overrides: Sequence[str], config: DictConfig, exitcode: int | None) -> JobReturn:
+        from semvae.sweep import record_failure
+
+        if exitcode is not None and exitcode < 0:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        else:
+            how = f"exited with status {exitcode} without a result"
+        job_dir = Path(str(config.hydra.sweep.dir)) / str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        objectives = config.get("objectives")
+        summary = job_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "stopped":  # by a stop signal
+            return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value={"status": "stopped"})
+        error = RuntimeError(f"the job's process {how}; what it saved (last.pt) is kept in {job_dir}")
+        log.error("job %s: %s", config.hydra.job.num, error)
+        record_failure(job_dir, error)
+        value = [float("nan")] * len(objectives) if objectives else {"status": "failed", "error": str(error)}
+        return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
+
+
+def _run(writer, launcher: ProcessesLauncher, config: DictConfig, threads: int) -> None:
+    """In the job's process: run the job as Hydra's own launchers do, send its result back."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the sweep's handlers are not the job's
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    result = run_job(
+        hydra_context=launcher.hydra_context,
+        task_function=launcher.task_function,
+        config=config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+    writer.send(result)
+    writer.close()
+
+
+class _ForwardStops:
+    """While launching: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are passed on to the running jobs and no new job starts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, processes):
+        self.processes, self.signum, self.previous = processes, None, {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        for process in self.processes():
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

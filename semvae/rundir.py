@@ -1,0 +1,121 @@
+"""Run folders: default names that no other run shares, and an exclusive lock held for a run's life.
+
+The default folders (``conf/config.yaml``) end with ``${launch_id:}``, a short random id drawn once per launch and
+passed to the job processes a launcher starts through the environment (``SEMVAE_LAUNCH_ID``), so that two runs
+started in the same second never share a folder while every job of one sweep agrees on its sweep folder.
+
+``hold(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.lock`` and writes who holds it; a second process on the
+same folder is refused at once with that information. The kernel drops the lock when the holder exits, even by
+``kill -9``, so there are no stale locks to clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+LAUNCH_ID_ENV = "SEMVAE_LAUNCH_ID"
+
+_held: dict[Path, int] = {}  # run dir -> file descriptor of its lock, for the folders this process holds
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run dir; the message names the folder and the holder."""
+
+
+def launch_id() -> str:
+    """Six hex digits, the same in this process and the job processes it starts, different for every launch."""
+    return os.environ.setdefault(LAUNCH_ID_ENV, secrets.token_hex(3))
+
+
+def register_resolver() -> None:
+    """Make ``${launch_id:}`` available to the configs."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("launch_id", launch_id, replace=True)
+
+
+def check_free(run_dir: str | Path) -> None:
+    """RunDirBusy if another process holds ``run_dir``; creates and changes nothing."""
+    run_dir = Path(run_dir).resolve()
+    lock = run_dir / LOCK_FILE
+    if run_dir in _held or not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(run_dir, os.read(fd, 4096).decode(errors="replace")) from None
+    finally:
+        os.close(fd)
+
+
+def hold(run_dir: str | Path) -> Path:
+    """Lock ``run_dir`` for this process (creating it) until ``release`` or the process's end; RunDirBusy if
+    another process holds it. Holding a folder this process already holds is a no-op."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace")
+        os.close(fd)
+        raise _busy(run_dir, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(_holder()).encode())
+    _held[run_dir] = fd
+    return run_dir
+
+
+def release(run_dir: str | Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+@contextlib.contextmanager
+def held(run_dir: str | Path) -> Iterator[Path]:
+    """``hold`` for the duration of a block; a folder this process held before stays held after it."""
+    already = Path(run_dir).resolve() in _held
+    path = hold(run_dir)
+    try:
+        yield path
+    finally:
+        if not already:
+            release(path)
+
+
+def _busy(run_dir: Path, holder: str) -> RunDirBusy:
+    return RunDirBusy(
+        f"{run_dir} is in use by another run ({_describe(holder)}); wait for it to end or choose another folder "
+        "(hydra.run.dir)"
+    )
+
+
+def _holder() -> dict[str, object]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _describe(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']} since {holder['started']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not said who it is yet"

@@ -515,7 +515,12 @@ class EvaluationBench:
 
     @classmethod
     def prepare(cls, cfg: Config, device: torch.device) -> EvaluationBench:
-        from semvae import comparison, morpho
+        return cls.load(cfg, device).measure_factors()
+
+    @classmethod
+    def load(cls, cfg: Config, device: torch.device) -> EvaluationBench:
+        """The judges, the test split and the selection: what can fail on a wrong file, before any computation."""
+        from semvae import comparison
         from semvae.config import JudgeName
 
         e, d = cfg.evaluation, cfg.data
@@ -532,12 +537,17 @@ class EvaluationBench:
         test = test.to(device)
         if e.n_points > len(test):
             raise ConfigError(f"evaluation.n_points={e.n_points}: the test split has only {len(test)} images")
-        factors = None
-        if judges.morpho:
-            factors = morpho.measure(test.images.cpu())
-            _, judges.morpho_mean, judges.morpho_std = morpho.standardize(factors)
         selection = comparison.select(test.images, e.n_points, e.n_pairs, e.seed)
-        return cls(cfg, test, judges, selection, factors)
+        return cls(cfg, test, judges, selection, None)
+
+    def measure_factors(self) -> EvaluationBench:
+        """The morphometrics of the test images (seconds to minutes; a stop signal is honoured between chunks)."""
+        from semvae import morpho
+
+        if self.judges.morpho and self.factors is None:
+            self.factors = morpho.measure(self.test.images.cpu())
+            _, self.judges.morpho_mean, self.judges.morpho_std = morpho.standardize(self.factors)
+        return self
 
     def evaluate(self, vae: ResNetVAE) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
         from semvae import comparison
@@ -629,10 +639,11 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
                 norms[name] = torch.from_numpy(np.load(norm_file))
     if rows:
         log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
+    bench = EvaluationBench.load(cfg, device)
     started = time.perf_counter()
     tracker = _tracker(cfg, run_dir, job_type="evaluate", group=group, extra={"models": names})
     try:
-        bench = EvaluationBench.prepare(cfg, device)
+        bench.measure_factors()
         (run_dir / "models").mkdir(exist_ok=True)
         for name, (vae, state) in models.items():
             if name in rows:

@@ -24,6 +24,22 @@ def find_data_dir() -> Path:
 
 
 DATA_DIR = find_data_dir()
+os.environ.setdefault("SEMVAE_DATA_DIR", str(DATA_DIR))  # for configs composed in-process
+
+
+def compose_config(*overrides: str):
+    """The typed, validated config that ``python run.py OVERRIDES`` runs with, composed in-process with Hydra's
+    compose API (for tests that call a task function directly instead of starting run.py)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from semvae import rundir
+    from semvae.config import register_configs, validate
+
+    register_configs()
+    rundir.register_resolver()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
 
 
 def run_py(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:

@@ -88,12 +88,12 @@ def test_out_of_range_values_are_rejected_with_the_key(override, message):
 
 def test_run_py_rejects_bad_input_before_any_training(tmp_path):
     proc = run_py("loss.beta=-1", f"hydra.run.dir={tmp_path}/a", check=False)
-    assert proc.returncode != 0 and "loss.beta=-1.0: must be >= 0" in proc.stderr
-    assert not (tmp_path / "a" / "last.pt").exists()
+    assert proc.returncode == 2 and "loss.beta=-1.0: must be >= 0" in proc.stderr
+    assert not (tmp_path / "a").exists()  # refused before Hydra makes the run dir
     proc = run_py("trainer.epochz=3", f"hydra.run.dir={tmp_path}/b", check=False)
     assert proc.returncode != 0 and "trainer.epochz" in proc.stderr
     assert not (tmp_path / "b").exists()  # composition failed before Hydra made the run dir
     # the semantic variant without its classifier says what to do
     proc = run_py("variant=semantic", f"paths.weights_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/c", check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and not (tmp_path / "c").exists()
     assert "classifier.checkpoint" in proc.stderr and "python run.py task=classifier" in proc.stderr

@@ -9,10 +9,14 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from analysis.report import write_report
+from semvae.checkpoints import CheckpointError
 from semvae.comparison import TABLE_COLUMNS
-from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
+from semvae.config import ConfigError
+from semvae.tasks import check_inputs, evaluate_models
+from tests.conftest import DATA_DIR, ROOT, compose_config, read_summary, run_py
 
 WEIGHTS = ROOT / "weights"
 MODELS = {"vae": WEIGHTS / "VAE_epoch50.pth", "semantic": WEIGHTS / "semanticVAE_epoch50.pth"}
@@ -26,9 +30,9 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path):
         f"evaluation.checkpoints=[{checkpoints}]",
         f"paths.weights_dir={WEIGHTS}",
         "evaluation.limit_test=300",
-        "evaluation.n_points=60",
-        "evaluation.morpho_points=12",
-        "evaluation.n_random_directions=4",
+        "evaluation.n_points=30",
+        "evaluation.morpho_points=6",
+        "evaluation.n_random_directions=1",
         "evaluation.n_pairs=3",
         "trainer.device=cpu",
         f"hydra.run.dir={run_dir}",
@@ -61,41 +65,32 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def _evaluate(tmp_path, *overrides):
+    """The evaluation task in-process, with the shipped classifiers; returns its run dir."""
+    config = compose_config("task=evaluate", f"paths.weights_dir={WEIGHTS}", "logger=none", *overrides)
+    check_inputs(config, tmp_path / "run")
+    evaluate_models(config, tmp_path / "run")
+
+
 def test_evaluate_names_the_missing_file(tmp_path):
-    proc = run_py(
-        "task=evaluate",
-        f"evaluation.checkpoints=[{MODELS['vae']}]",
-        f"evaluation.heldout_checkpoint={tmp_path}/nojudge.pth",
-        f"paths.weights_dir={WEIGHTS}",
-        f"hydra.run.dir={tmp_path}/run",
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert f"evaluation.heldout_checkpoint: not found: {tmp_path}/nojudge.pth" in proc.stderr
+    missing = tmp_path / "nojudge.pth"
+    with pytest.raises(ConfigError, match=f"evaluation.heldout_checkpoint: not found: {missing}"):
+        _evaluate(tmp_path, f"evaluation.checkpoints=[{MODELS['vae']}]", f"evaluation.heldout_checkpoint={missing}")
     wrong = tmp_path / "not_a_vae.pth"
     wrong.write_bytes((WEIGHTS / "classifier.pth").read_bytes())
-    proc = run_py(
-        "task=evaluate",
-        f"evaluation.checkpoints=[{wrong}]",
-        f"paths.weights_dir={WEIGHTS}",
-        f"hydra.run.dir={tmp_path}/run2",
-        check=False,
-    )
-    assert proc.returncode == 2 and f"{wrong} is not a VAE model file" in proc.stderr
+    with pytest.raises(CheckpointError, match=f"{wrong} is not a VAE model file"):
+        _evaluate(tmp_path, f"evaluation.checkpoints=[{wrong}]")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_evaluate_rejects_a_classifier_that_does_not_match_its_config(tmp_path):
-    proc = run_py(
-        "task=evaluate",
-        f"evaluation.checkpoints=[{MODELS['vae']}]",
-        "classifier.widths=[8,16,32]",
-        f"paths.weights_dir={WEIGHTS}",
-        f"hydra.run.dir={tmp_path}/run",
-        check=False,
+    refused = (
+        rf"{WEIGHTS}/classifier.pth does not match the configured model \(widths: checkpoint \[16, 32, 64\] vs "
+        rf"config \[8, 16, 32\]\)"
     )
-    assert proc.returncode == 2
-    assert f"{WEIGHTS}/classifier.pth does not match the configured model" in proc.stderr
-    assert "widths: checkpoint [16, 32, 64] vs config [8, 16, 32]" in proc.stderr
+    with pytest.raises(CheckpointError, match=refused):
+        _evaluate(tmp_path, f"evaluation.checkpoints=[{MODELS['vae']}]", "classifier.widths=[8,16,32]")
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluates_only_the_rest(tmp_path):

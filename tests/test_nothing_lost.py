@@ -25,6 +25,7 @@ from semvae.tasks import check_inputs, check_resumable, check_writable
 from semvae.tracking import Tracker
 from semvae.train import NonFiniteLossError, fit
 from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import compose_config as config
 
 WEIGHTS = ROOT / "weights"
 
@@ -42,13 +43,6 @@ class Payload:
 def crafted(path: Path, marker: Path, **entries) -> Path:
     torch.save({"model": {"w": torch.zeros(1)}, **entries, "payload": Payload(marker)}, path)
     return path
-
-
-def config(*overrides: str):
-    register_configs()
-    rundir.register_resolver()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
 
 
 def test_a_file_whose_pickle_runs_code_is_refused_by_every_loader_and_nothing_runs(tmp_path):
@@ -321,7 +315,6 @@ def test_a_stop_during_the_evaluation_after_training_keeps_the_training_and_resu
         "evaluation.morpho_points=4",
         "evaluation.n_random_directions=1",
         "evaluation.n_pairs=2",
-        f"paths.data_dir={DATA_DIR}",
     ]
     run_dir = tmp_path / "run"
     real_evaluate = tasks.EvaluationBench.evaluate

@@ -76,7 +76,8 @@ def resume_command(hc) -> str:
     """The command that continues this run: its overrides, with the run dir named."""
     hydra_overrides = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
     args = [*hc.overrides.task, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
-    return "python run.py " + " ".join(shlex.quote(a) for a in args)
+    script = "run.py" if Path.cwd() == Path(__file__).resolve().parent else str(Path(__file__).resolve())
+    return f"python {script} " + " ".join(shlex.quote(a) for a in args)
 
 
 def run_dir_override(path: str) -> str:
@@ -90,8 +91,8 @@ def run_dir_override(path: str) -> str:
 def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[float]:
     """Run the chosen task, holding its run dir and turning stop signals into a checkpoint-and-exit; return its
     summary, or the ``objectives`` values when a sweeper optimises them."""
-    config = checked_config(cfg, run_dir)
-    with rundir.held(run_dir), StopFlag():
+    with rundir.held(run_dir), StopFlag():  # the lock first: a folder in use is not read for a resume check
+        config = checked_config(cfg, run_dir)
         summary = TASKS[config.task.name](config, run_dir, group)
     if config.objectives:
         missing = [k for k in config.objectives if k not in summary]

@@ -60,7 +60,7 @@ def heatmaps(
         if runs.empty:
             reasons.append(f"no run has {metric}")
             continue
-        few = [f"{key} = {sorted(runs[key].unique())}" for key in (BETA, SEMANTIC_WEIGHT) if runs[key].nunique() < 2]
+        few = [f"{k} = {runs[k].dropna().unique().tolist()}" for k in (BETA, SEMANTIC_WEIGHT) if runs[k].nunique() < 2]
         if few:
             reasons.append(f"{metric}: a single value of {' and '.join(few)}")
             continue

@@ -258,7 +258,7 @@ def validate(cfg: Config) -> Config:
     if cfg.classifier.seed is not None:
         seeds["classifier.seed"] = cfg.classifier.seed
     for key, seed in seeds.items():  # torch takes 64-bit seeds; runs derive a few more from each (seed + 1, ...)
-        _require(0 <= seed < MAX_SEED, key, f"must be in [0, {MAX_SEED})", seed)
+        _require(0 <= seed < MAX_SEED, key, "must be an integer in [0, 2**63 - 1024) (torch's seed range)", seed)
     _require(cfg.data.val_size >= 1, "data.val_size", "must be >= 1", cfg.data.val_size)
     m = cfg.model
     _require(m.latent_dim >= 1, "model.latent_dim", "must be >= 1", m.latent_dim)

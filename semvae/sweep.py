@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,30 @@ def failed_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return failures
 
 
+def rerun(config: DictConfig) -> str:
+    """The command that runs this sweep again in its own folder."""
+    overrides = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir=")]
+    args = [*config.hydra.overrides.task, *overrides, f"hydra.sweep.dir={config.hydra.sweep.dir}"]
+    return "python run.py -m " + " ".join(shlex.quote(a) for a in args)
+
+
 def _job_number(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (1 << 30, path.name)
 
 
 class SweepReport(Callback):
-    """Hydra callback: at the end of a multirun, list the failed jobs and exit non-zero if there are any."""
+    """Hydra callback: hold the sweep folder for the sweep's life (a second sweep on it stops before writing), and
+    at the end list the failed jobs, say how to rerun them in place, and exit non-zero if there are any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from semvae import rundir
+
+        try:
+            rundir.hold(str(config.hydra.sweep.dir))
+        except rundir.RunDirBusy as error:
+            log.error("%s", error)
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -72,5 +92,6 @@ class SweepReport(Callback):
         report.write_text(json.dumps(failures, indent=2))
         lines = [f"{len(failures)} of {len(jobs)} jobs failed (details in {sweep_dir / 'failures.json'}):"]
         lines += [f"  job {f['job']} [{' '.join(f['overrides'])}]: {f['error']}" for f in failures]
+        lines.append(f"to run them again in place (finished jobs are kept, stopped ones continue): {rerun(config)}")
         log.error("\n".join(lines))
         raise SystemExit(1)

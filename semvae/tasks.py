@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from semvae import checkpoints
-from semvae.config import Config, ConfigError, TaskName
+from semvae.config import Config, ConfigError, JudgeName, TaskName
 from semvae.data import Split, load_split, random_shift, train_val_split
 from semvae.losses import sample_directions, vae_objective, variant_of
 from semvae.models import Classifier, ResNetVAE
@@ -185,11 +185,23 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
             needed["evaluation.heldout_checkpoint"] = [e.heldout_checkpoint]
         for key, paths in needed.items():
             missing = [p for p in paths if not Path(p).is_file()]
+            if missing and key == "evaluation.checkpoints":
+                raise ConfigError(f"{key}: not found: {', '.join(missing)}. List existing VAE model files")
             if missing:
                 raise ConfigError(
                     f"{key}: not found: {', '.join(missing)}. Train it first (README, 'Run'), point {key} at an "
                     "existing file, or drop its judge from evaluation.judges"
                 )
+        for path in needed.get("evaluation.checkpoints", []):  # safe to load, and a VAE
+            checkpoints.load_vae(path)
+        if "evaluation.heldout_checkpoint" in needed:
+            checkpoints.load_classifier(e.heldout_checkpoint)
+    judged = cfg.task.name == TaskName.evaluate or (cfg.task.name == TaskName.train and cfg.task.evaluate)
+    if (judged and JudgeName.train in cfg.evaluation.judges) or (
+        cfg.task.name == TaskName.train and cfg.loss.semantic_weight > 0
+    ):
+        c = cfg.classifier  # safe to load, and the configured architecture
+        checkpoints.load_classifier(c.checkpoint, expect={"widths": list(c.widths), "blocks": c.blocks})
     export = cfg.task.export
     if export is not None:
         check_writable("task.export", export)
@@ -521,7 +533,6 @@ class EvaluationBench:
     def load(cls, cfg: Config, device: torch.device) -> EvaluationBench:
         """The judges, the test split and the selection: what can fail on a wrong file, before any computation."""
         from semvae import comparison
-        from semvae.config import JudgeName
 
         e, d = cfg.evaluation, cfg.data
         judges = comparison.Judges(morpho=JudgeName.morpho in e.judges)

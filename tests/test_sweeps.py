@@ -13,6 +13,7 @@ from datetime import datetime
 import yaml
 from hydra import compose, initialize_config_dir
 
+from semvae import rundir
 from semvae.config import register_configs
 from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
 
@@ -75,6 +76,11 @@ def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_h
     os.kill(job_pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "2 of 2 jobs failed" in output
+    assert (
+        f"to run them again in place (finished jobs are kept, stopped ones continue): python run.py -m {TINY[0]}"
+        in output
+    )
+    assert f"hydra.sweep.dir={sweep}" in output
     assert "the job's process was killed by SIGKILL" in (sweep / "0" / "error.txt").read_text()
     assert "classifier.checkpoint" in (sweep / "1" / "error.txt").read_text()
     assert len(json.loads((sweep / "failures.json").read_text())) == 2
@@ -83,6 +89,16 @@ def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_h
     run_py(*args)  # the same sweep again: job 0 resumes, job 1 now finds its classifier
     assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished", "finished"]
     assert not list(sweep.glob("*/error.txt")) and not (sweep / "failures.json").exists()
+
+
+def test_a_sweep_folder_in_use_is_refused_before_anything_is_written(tmp_path):
+    held = rundir.hold(tmp_path / "sweep")  # as a running sweep holds it
+    try:
+        proc = run_py("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"hydra.sweep.dir={held}", check=False)
+    finally:
+        rundir.release(held)
+    assert proc.returncode == 2 and f"error: {held} is in use by another run (pid {os.getpid()}" in proc.stderr
+    assert sorted(p.name for p in held.iterdir()) == [".lock"]
 
 
 def test_submitit_local_executor_runs_a_sweep(tmp_path):

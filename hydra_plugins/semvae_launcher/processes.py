@@ -87,6 +87,9 @@ class ProcessesLauncher(Launcher):
                     reader.close()
                     process.join()
         if stop.signum is not None:
+            from semvae.sweep import rerun
+
+            log.warning(f"stopped by {signal.Signals(stop.signum).name}; to continue: {rerun(self.config)}")
             raise SystemExit(128 + stop.signum)
         return [results[i] for i in sorted(results)]
 

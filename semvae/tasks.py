@@ -602,12 +602,14 @@ def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir:
 
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
     """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and the
-    device) and the judges' files. A model row written with other settings is evaluated again."""
+    device), the judges' files (by content) and the data. A model row written with other settings is evaluated again."""
+    from semvae.manifest import sha256
+
     e = as_plain(cfg.evaluation)
-    return {k: v for k, v in e.items() if k not in ("checkpoints", "device")} | {
-        "classifier.checkpoint": cfg.classifier.checkpoint,
-        "data.name": cfg.data.name.value,
-    }
+    judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
+    files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
+    settings = {k: v for k, v in e.items() if k not in ("checkpoints", "device")}
+    return settings | files | {"data.name": cfg.data.name.value}
 
 
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Entry point: compose the Hydra config, check it, run the chosen task.
 
 python run.py variant=semantic                 # train one model
-python run.py task=classifier                  # train the feature classifier
+python run.py task=train_classifier            # train the feature classifier
 python run.py -m loss.beta=1,5 loss.semantic_weight=0,1   # a sweep
 """
 
@@ -29,8 +29,9 @@ from semvae.config import ConfigError, register_configs, unknown_key_message, va
 from semvae.data import DataError  # noqa: E402
 from semvae.stopping import StopFlag, StopRequested  # noqa: E402
 from semvae.sweep import clear_failure, record_failure  # noqa: E402
-from semvae.tasks import TASKS, check_inputs  # noqa: E402
-from semvae.train import NonFiniteLossError  # noqa: E402
+from semvae.tasks import TASKS  # noqa: E402
+from semvae.tasks.checks import check_inputs  # noqa: E402
+from semvae.training import NonFiniteLossError  # noqa: E402
 
 log = logging.getLogger("run")
 register_configs()

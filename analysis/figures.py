@@ -14,12 +14,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from scipy import stats
 
 from analysis.tables import variant_rank
+from semvae.evaluation.report import latent_norm_density, save_figure
 
 BETA, SEMANTIC_WEIGHT = "loss.beta", "loss.semantic_weight"
-DPI = 120
 
 
 class FigureSkipped(ValueError):
@@ -27,11 +26,8 @@ class FigureSkipped(ValueError):
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
 
 
 def _hue_order(variants: pd.Series) -> list[str]:
@@ -137,23 +133,7 @@ def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
     with_norms = frame[frame["run"].isin(set(norms["run"]))]
     dims = sorted(int(d) for d in with_norms.get("model.latent_dim", pd.Series(dtype=float)).dropna().unique())
     fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    order = _hue_order(norms["variant"])
-    sns.kdeplot(data=norms, x="norm", hue="variant", hue_order=order, common_norm=False, fill=True, alpha=0.2, ax=ax)
-    top = max([float(norms["norm"].max())] + [2 * np.sqrt(d) for d in dims])
-    r = np.linspace(0, top * 1.05, 400)
-    handles, labels = [], []
-    legend = ax.get_legend()
-    if legend is not None:  # seaborn's variant legend, to be merged with the prior lines
-        handles, labels = list(legend.legend_handles), [t.get_text() for t in legend.get_texts()]
-        legend.remove()
-    for dim in dims:
-        (line,) = ax.plot(r, stats.chi(dim).pdf(r), "k--", lw=1)
-        handles.append(line)
-        labels.append(f"prior: chi({dim})")
-    ax.legend(handles, labels, fontsize=8)
-    ax.set_xlabel("||mu(x)|| on the test split")
-    ax.set_ylabel("density")
+    latent_norm_density(fig.subplots(), norms, "variant", _hue_order(norms["variant"]), dims)
     return _save(fig, path)
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from semvae.evaluation.report import markdown
+
 # Reported when present, in this order: test-split evaluation first, validation losses as a fallback.
 DEFAULT_METRICS = (
     "test/mse",
@@ -176,13 +178,11 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     "mean ± half-width" cell per metric (the mean alone when n = 1; "(n=k)" added where a metric has fewer runs)."""
     keys = list(table.index.names)
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
-    header = [str(k) for k in keys] + ["n"] + metrics
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    rows = []
     for label, row in table.iterrows():
         labels, n = _group_label(label, row, metrics)
-        cells = [_cell(row, metric, n, digits) for metric in metrics]
-        lines.append("| " + " | ".join([str(v) for v in labels] + [str(n)] + cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([str(v) for v in labels] + [str(n)] + [_cell(row, metric, n, digits) for metric in metrics])
+    return markdown([str(k) for k in keys] + ["n"] + metrics, rows)
 
 
 def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
@@ -193,8 +193,5 @@ def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
     for label, row in table.iterrows():
         labels, n = _group_label(label, row, metrics)
         groups.append((" ".join(str(v) for v in labels) + f" (n={n})", row, n))
-    header = ["metric"] + [g[0] for g in groups]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    for metric in metrics:
-        lines.append(f"| {metric} | " + " | ".join(_cell(row, metric, n, digits) for _, row, n in groups) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[metric] + [_cell(row, metric, n, digits) for _, row, n in groups] for metric in metrics]
+    return markdown(["metric"] + [g[0] for g in groups], rows)

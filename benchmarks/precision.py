@@ -4,7 +4,7 @@
 
 Times a 3x3 convolution at 28 px (16 channels) and at 7 px (64 channels), the 7 -> 14 px transposed convolution
 (64 -> 32 channels), all on a batch of 256 in channels-last layout, and a 512 x 512 matmul, in fp32 and in bf16.
-It says whether the device computes bf16 natively (``semvae.train.native_bf16``); where it does not, bf16 is
+It says whether the device computes bf16 natively (``semvae.runtime.native_bf16``); where it does not, bf16 is
 emulated and the ratio shows what ``trainer.precision=bf16`` would cost. Writes ``precision.json`` and
 ``precision.md`` in ``--out``.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from semvae.train import native_bf16
+from semvae.runtime import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

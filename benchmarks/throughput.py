@@ -7,7 +7,7 @@ For ``variant=vae`` and ``variant=semantic`` (same model, batch size and device)
 
 - reference: torchvision's ``DataLoader(MNIST(transform=ToTensor()), shuffle=True)`` feeding the model in eager
   fp32 with ``loss.item()`` read every step, the way most VAE repositories train;
-- project: ``semvae.train.fit`` (data resident on the device as one tensor, batches by index, losses read every
+- project: ``semvae.training.Trainer`` (data resident on the device as one tensor, batches by index, losses read every
   ``log_every`` steps), with the trainer's defaults and with ``precision=bf16``.
 
 It also measures the FLOPs of a training step per image (torch's flop counter), the machine's fp32 and bf16 matmul
@@ -22,19 +22,18 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from semvae import evaluate as ev
+from semvae.config import TrainerConfig
 from semvae.data import Split, load_split
+from semvae.evaluation import metrics as ev
 from semvae.losses import sample_directions, vae_objective
 from semvae.models import Classifier, ResNetVAE, freeze
-from semvae.tasks import resolve_device
-from semvae.tracking import Tracker
-from semvae.train import fit, native_bf16
+from semvae.runtime import native_bf16, resolve_device
+from semvae.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,30 +112,30 @@ def reference_rate(variant: str, data_root: str, device: torch.device, batch_siz
 def project_rate(
     variant: str, train: Split, device: torch.device, batch_size: int, steps: int, precision: str, channels_last: bool
 ) -> float:
-    """Images/s of semvae.train.fit over ``steps`` steps (after a warm-up run), validation of one batch included."""
+    """Images/s of semvae.training.Trainer over ``steps`` steps (after a warm-up run), validation of one batch
+    included; no callbacks (no checkpoint or metrics files), as the loop alone is what is timed."""
     vae, phi = make_models(variant, device, channels_last)
     step = step_function(variant, phi, device)
     val = train.subset(torch.arange(batch_size, device=device))
-    with tempfile.TemporaryDirectory() as tmp:
-        kwargs = dict(
-            tracker=Tracker(tmp, {}, mode="disabled"),
+
+    def settings(batches: int) -> TrainerConfig:
+        return TrainerConfig(
             epochs=1,
             batch_size=batch_size,
-            lr=1e-3,
             log_every=50,
-            checkpoint_every=None,
+            limit_train_batches=batches,
             limit_eval_batches=1,
             progress=False,
-            precision=precision,
         )
-        fit(vae, train, val, step, step, run_dir=Path(tmp) / "warm", limit_train_batches=3, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fit(vae, train, val, step, step, run_dir=Path(tmp) / "timed", limit_train_batches=steps, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * batch_size / (time.perf_counter() - started)
+
+    Trainer(vae, train, val, step, step, settings(3), seed=0, precision=precision).fit()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    Trainer(vae, train, val, step, step, settings(steps), seed=0, precision=precision).fit()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - started)
 
 
 def evaluation_rate(device: torch.device, n_points: int = 1000, n_directions: int = 8) -> float:

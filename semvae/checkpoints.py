@@ -8,6 +8,7 @@ model (``weights/*.pth``) holds the model and the architecture, metrics and prov
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -57,6 +58,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    write_atomic(text.encode(), path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

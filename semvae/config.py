@@ -30,10 +30,12 @@ class Directions(str, Enum):
 
 
 class TaskName(str, Enum):
-    train = "train"  # train a VAE
-    classifier = "classifier"  # train the feature classifier (or the held-out judge)
-    evaluate = "evaluate"  # compare trained VAEs (semvae/evaluate.py)
-    reproduce = "reproduce"  # classifiers, every variant x seed, then the comparison (semvae/reproduce.py)
+    """The tasks of ``run.py``, one module each in ``semvae/tasks/``."""
+
+    train_vae = "train_vae"  # train a VAE (any variant)
+    train_classifier = "train_classifier"  # train the feature classifier phi (or the held-out judge)
+    evaluate = "evaluate"  # compare trained VAEs on the test split
+    reproduce = "reproduce"  # classifiers, every variant x seed, then the comparison
 
 
 class JudgeName(str, Enum):
@@ -82,8 +84,8 @@ class ClassifierConfig:
     name: str = "classifier"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks: int = 1
-    checkpoint: str = "weights/classifier.pth"  # where task=classifier exports it and the VAE loads it
-    seed: Optional[int] = None  # training seed for task=classifier; None uses the run's seed
+    checkpoint: str = "weights/classifier.pth"  # where task=train_classifier exports it and the VAE loads it
+    seed: Optional[int] = None  # training seed for task=train_classifier; None uses the run's seed
     augment_shift: int = 2  # random translation in pixels during classifier training
 
 
@@ -111,10 +113,6 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_schedule: LrSchedule = LrSchedule.constant
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.fp32
-    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPUs and tensor cores)
-    num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 50  # optimiser steps between reads of the running losses (the only host syncs)
     checkpoint_every: Optional[int] = 500  # steps between mid-epoch checkpoints (at the next log point); null: epochs
     limit_train_batches: Optional[int] = None  # cut epochs short (smoke tests)
@@ -122,6 +120,16 @@ class TrainerConfig:
     progress: bool = True  # a progress bar per epoch
     resume: Optional[str] = None  # checkpoint to continue from; null: the run dir's last.pt if there is one
     n_image_samples: int = 64  # reconstructions and prior samples logged as images
+
+
+@dataclass
+class RuntimeConfig:
+    """Where every task computes (semvae/runtime.py): training and evaluation alike."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: Optional[int] = None  # torch intra-op threads; None: SLURM's cpus per task, else torch's default
+    precision: Precision = Precision.fp32  # of the training step; evaluation always computes in fp32
+    channels_last: bool = True  # NHWC memory format for the convolutions (faster on CPUs and tensor cores)
 
 
 @dataclass
@@ -145,19 +153,19 @@ class PathsConfig:
 
 @dataclass
 class TaskConfig:
-    name: TaskName = TaskName.train
+    name: TaskName = TaskName.train_vae
     export: Optional[str] = None  # copy the final model here, e.g. weights/VAE_epoch50.pth
     overwrite: bool = False  # allow export to replace an existing file
-    evaluate: bool = False  # task=train: evaluate the trained VAE on the test split (evaluation.*) into test/*
+    evaluate: bool = False  # task=train_vae: evaluate the trained VAE on the test split (evaluation.*) into test/*
 
 
 # The classifiers experiment=reproduce can train (conf/classifier/ options); semvae.reproduce maps each to its file.
-REPRODUCE_CLASSIFIERS = ("resnet", "judge")
+REPRODUCE_CLASSIFIERS = ("classifier", "judge")
 
 
 @dataclass
 class ReproduceConfig:
-    """The study of task=reproduce (conf/experiment/reproduce.yaml)."""
+    """The study of task=reproduce (conf/reproduce/default.yaml, set by conf/experiment/reproduce.yaml)."""
 
     variants: list[str] = field(default_factory=lambda: ["vae", "beta", "semantic"])  # conf/variant/ options
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seed 0 goes to weights/, the others to seeds/
@@ -183,7 +191,6 @@ class EvaluationConfig:
     traversal_steps: int = 9
     batch_size: int = 512
     limit_test: Optional[int] = None  # evaluate on the first N test images only (smoke tests)
-    device: str = "auto"
 
 
 @dataclass
@@ -197,11 +204,23 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
+
+
+def as_plain(obj: Any) -> Any:
+    """A dataclass config as plain dicts, lists and scalars (enums by value), for JSON, W&B and checkpoints."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, list | tuple):
+        return [as_plain(v) for v in obj]
+    return obj
 
 
 def register_configs() -> None:
@@ -296,15 +315,16 @@ def validate(cfg: Config) -> Config:
         t.checkpoint_every,
     )
     _require(cfg.logger.init_timeout > 0, "logger.init_timeout", "must be > 0", cfg.logger.init_timeout)
-    _require(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", "must be >= 1", t.num_threads)
+    rt = cfg.runtime
+    _require(rt.num_threads is None or rt.num_threads >= 1, "runtime.num_threads", "must be >= 1", rt.num_threads)
     for key in ("limit_train_batches", "limit_eval_batches"):
         value = getattr(t, key)
         _require(value is None or value >= 1, f"trainer.{key}", "must be >= 1 or null", value)
     _require(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        "trainer.device",
+        rt.device == "auto" or rt.device == "cpu" or rt.device.startswith("cuda"),
+        "runtime.device",
         "allowed values: auto, cpu, cuda, cuda:N",
-        t.device,
+        rt.device,
     )
     e = cfg.evaluation
     _require(e.n_points >= 2, "evaluation.n_points", "must be >= 2", e.n_points)
@@ -327,12 +347,6 @@ def validate(cfg: Config) -> Config:
         e.limit_test,
     )
     _require(len(set(e.judges)) == len(e.judges), "evaluation.judges", "lists a judge twice", e.judges)
-    _require(
-        e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
-        "evaluation.device",
-        "allowed values: auto, cpu, cuda, cuda:N",
-        e.device,
-    )
     r = cfg.reproduce
     _require(r.epochs >= 1, "reproduce.epochs", "must be >= 1", r.epochs)
     distinct = len(r.seeds) >= 1 and len(set(r.seeds)) == len(r.seeds)
@@ -344,7 +358,7 @@ def validate(cfg: Config) -> Config:
     _require(epochs is None or epochs >= 1, "reproduce.classifier_epochs", "must be >= 1 or null", epochs)
     if cfg.task.name == TaskName.evaluate:
         _require(len(e.checkpoints) >= 1, "evaluation.checkpoints", "lists no model to evaluate", e.checkpoints)
-    if cfg.task.name == TaskName.train and s.n_points is not None and loss.semantic_weight > 0:
+    if cfg.task.name == TaskName.train_vae and s.n_points is not None and loss.semantic_weight > 0:
         _require(
             s.n_points <= t.batch_size,
             "loss.semantic.n_points",

@@ -1,4 +1,4 @@
-"""ELBO terms and the semantic variance term of METHOD.md.
+"""ELBO terms and the semantic variance term of docs/METHOD.md; the evaluation's metrics share these cores.
 
 ``loss = recon + beta * KL + lambda * L_sem``. The three variants differ only in (beta, lambda):
 standard VAE (1, 0), beta-VAE (5, 0), semantic VAE (1, > 0).
@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from semvae.models import reparameterize
+
 
 def variant_of(beta: float, semantic_weight: float) -> str:
     """The variant a loss setting amounts to: vae (1, 0), beta (b != 1, 0), semantic (1, > 0), beta-semantic."""
@@ -20,14 +22,18 @@ def variant_of(beta: float, semantic_weight: float) -> str:
     return "vae" if beta == 1 else "beta"
 
 
-def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
-    """Bernoulli negative log-likelihood of ``x`` under ``logits``, summed over pixels, mean over the batch."""
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+def bernoulli_nll(logits: Tensor, x: Tensor, per_example: bool = False) -> Tensor:
+    """Bernoulli negative log-likelihood of ``x`` under ``logits``, summed over pixels; mean over the batch, or
+    one value per example (B,) with ``per_example``."""
+    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    return nll if per_example else nll.mean()
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, diag exp(logvar)) || N(0, I)) in closed form, summed over latent dims, mean over the batch."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum() / mu.shape[0]
+def gaussian_kl(mu: Tensor, logvar: Tensor, per_example: bool = False) -> Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in closed form, summed over latent dims; mean over the batch, or
+    one value per example (B,) with ``per_example``."""
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    return kl if per_example else kl.mean()
 
 
 def sample_directions(
@@ -50,22 +56,34 @@ def sample_directions(
     return (step * u).to(device, non_blocking=True)
 
 
-def semantic_variance(delta: Tensor, normalize: bool, eps: float = 1e-8) -> Tensor:
-    """Semantic variance of feature changes ``delta`` of shape (K directions, M starting points, F features).
+def semantic_variance_per_direction(delta: Tensor, normalize: bool, eps: float = 1e-8) -> Tensor:
+    """The semantic variance of each direction, (K,), for feature changes ``delta`` of shape (K directions,
+    M starting points, F features). The one core of the training loss and of the evaluation's GSV.
 
-    Raw: ``mean_k mean_f Var_i(delta_ikf)`` with the unbiased variance over the M starting points.
-    Normalised: ``mean_k [sum_f Var_i(delta_ikf) / (sum_f mean_i delta_ikf^2 + eps)]``. Here the variance is the
-    population (1/M) one, so each ratio equals ``1 - |mean_i delta_ik|^2 / mean_i |delta_ik|^2`` and lies in
+    Raw: ``mean_f Var_i(delta_ikf)`` with the unbiased variance over the M starting points.
+    Normalised: ``sum_f Var_i(delta_ikf) / (sum_f mean_i delta_ikf^2 + eps)``. Here the variance is the
+    population (1/M) one, so the ratio equals ``1 - |mean_i delta_ik|^2 / mean_i |delta_ik|^2`` and lies in
     [0, 1]: 0 when direction k changes the features the same way at every starting point, 1 when the changes
     cancel on average. (With the unbiased variance the ratio could reach M/(M-1).)
     """
     if delta.dim() != 3 or delta.shape[1] < 2:
         raise ValueError(f"delta must be (K, M, F) with M >= 2, got {tuple(delta.shape)}")
     if not normalize:
-        return delta.var(dim=1, unbiased=True).mean()
+        return delta.var(dim=1, unbiased=True).mean(dim=-1)
     spread = delta.var(dim=1, unbiased=False).sum(dim=-1)  # (K,)
-    energy = delta.pow(2).mean(dim=1).sum(dim=-1)  # (K,)
-    return (spread / (energy + eps)).mean()
+    return spread / (mean_squared_change(delta) + eps)
+
+
+def mean_squared_change(delta: Tensor) -> Tensor:
+    """How much each direction changes the features, ``sum_f mean_i delta_ikf^2``, (K,): the normalised form's
+    denominator."""
+    return delta.pow(2).mean(dim=1).sum(dim=-1)
+
+
+def semantic_variance(delta: Tensor, normalize: bool, eps: float = 1e-8) -> Tensor:
+    """L_sem of feature changes ``delta`` (K, M, F): ``semantic_variance_per_direction`` averaged over the K
+    directions."""
+    return semantic_variance_per_direction(delta, normalize, eps).mean()
 
 
 def semantic_loss(
@@ -113,8 +131,7 @@ def vae_objective(
     reconstruction term. ``noise`` replaces the reparameterisation noise (for repeatable validation).
     """
     mu, logvar = (t.float() for t in vae.encode(x))  # reductions in fp32 also under reduced-precision autocast
-    eps_z = torch.randn_like(mu) if noise is None else noise
-    z = mu + torch.exp(0.5 * logvar) * eps_z
+    z = reparameterize(mu, logvar, noise)
     logits = vae.decode(z).float()
     recon, kl = bernoulli_nll(logits, x), gaussian_kl(mu, logvar)
     terms = {"recon": recon, "kl": kl}

@@ -34,9 +34,11 @@ def check_value(path: str | Path, test: Split) -> tuple[str, float]:
     """(metric, value) of a model file on ``test``: "mse" for a VAE, "accuracy" for a classifier."""
     kind = checkpoints.load(path).get("kind")
     if kind == "vae":
+        from semvae.evaluation.metrics import decode_images, latent_means, squared_errors
+
         vae, _ = checkpoints.load_vae(path)
-        recon = torch.sigmoid(vae.decode(vae.encode(test.images)[0]))
-        return "mse", (recon - test.images).pow(2).mean().item()
+        recon = decode_images(vae, latent_means(vae, test.images))
+        return "mse", squared_errors(recon, test.images).mean().item()
     if kind == "classifier":
         net, _ = checkpoints.load_classifier(path)
         return "accuracy", (net(test.images).argmax(1) == test.labels).float().mean().item()

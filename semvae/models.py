@@ -57,6 +57,11 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
+def reparameterize(mu: Tensor, logvar: Tensor, noise: Tensor | None = None) -> Tensor:
+    """z = mu + exp(logvar / 2) * noise, with standard normal ``noise`` drawn here when not given."""
+    return mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if noise is None else noise)
+
+
 class ResNetVAE(nn.Module):
     """Gaussian encoder q(z|x) = N(mu, diag exp(logvar)) and a mirrored decoder giving Bernoulli logits."""
 
@@ -89,14 +94,10 @@ class ResNetVAE(nn.Module):
         """Bernoulli logits (B, 1, 28, 28); the image is their sigmoid."""
         return self.decoder(self.from_latent(z))
 
-    @staticmethod
-    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (logits, mu, logvar, z) with z drawn by the reparameterisation trick."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = reparameterize(mu, logvar)
         return self.decode(z), mu, logvar, z
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from semvae.checkpoints import write_atomic
+from semvae.checkpoints import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    write_atomic(text.encode(), path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
 class Tracker:

@@ -42,6 +42,22 @@ def compose_config(*overrides: str):
         return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
 
 
+def train_loop(run_dir: Path, model, train, val, step_fn, eval_fn, *, resume=None, stop=None, tracker=None, **settings):
+    """Train with the Trainer and the standard callbacks in ``run_dir`` (no W&B), as a task does; ``settings`` are
+    TrainerConfig fields (progress off unless given). Returns the FitResult."""
+    from semvae.config import TrainerConfig
+    from semvae.tracking import Tracker
+    from semvae.training import Trainer, standard_callbacks
+
+    settings = {"progress": False} | settings
+    seed = settings.pop("seed", 0)
+    trainer_settings = TrainerConfig(**settings)
+    tracker = tracker or Tracker(run_dir, {}, mode="disabled")
+    callbacks = standard_callbacks(run_dir, tracker, trainer_settings.checkpoint_every, trainer_settings.progress)
+    trainer = Trainer(model, train, val, step_fn, eval_fn, trainer_settings, seed=seed, callbacks=callbacks, stop=stop)
+    return trainer.fit(resume)
+
+
 def run_py(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
     """``python run.py OVERRIDES`` with the test data and no W&B network, as a user would type it."""
     env = os.environ | {
@@ -78,6 +94,10 @@ def weights_dir(tmp_path_factory) -> Path:
     weights = tmp_path_factory.mktemp("weights")
     run_dir = tmp_path_factory.mktemp("classifier_run")
     run_py(
-        "task=classifier", "trainer=smoke", "logger=none", f"paths.weights_dir={weights}", f"hydra.run.dir={run_dir}"
+        "task=train_classifier",
+        "trainer=smoke",
+        "logger=none",
+        f"paths.weights_dir={weights}",
+        f"hydra.run.dir={run_dir}",
     )
     return weights

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from semvae.train import native_bf16
+from semvae.runtime import native_bf16
 from tests.conftest import DATA_DIR, ROOT
 
 

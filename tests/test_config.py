@@ -42,12 +42,12 @@ def test_any_key_is_overridable_and_typed():
 
 
 def test_classifier_task_uses_its_trainer_and_exports_where_the_vae_finds_it():
-    cfg = compose_config("task=classifier")
-    assert cfg.task.name is TaskName.classifier and cfg.trainer.epochs < 50
+    cfg = compose_config("task=train_classifier")
+    assert cfg.task.name is TaskName.train_classifier and cfg.trainer.epochs < 50
     assert cfg.task.export == cfg.classifier.checkpoint == str(ROOT / "weights" / "classifier.pth")
-    judge = compose_config("task=classifier", "classifier=judge")
+    judge = compose_config("task=train_classifier", "classifier=judge")
     assert judge.task.export.endswith("weights/judge.pth") and judge.classifier.widths != cfg.classifier.widths
-    assert compose_config("task=classifier", "trainer=smoke").trainer.limit_train_batches == 3
+    assert compose_config("task=train_classifier", "trainer=smoke").trainer.limit_train_batches == 3
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_bad_overrides_fail_while_composing_and_name_the_key(override, pattern):
         ("loss.beta=-1", "loss.beta=-1.0: must be >= 0"),
         ("loss.semantic_weight=-0.5", "loss.semantic_weight=-0.5: must be >= 0"),
         ("model.widths=[8,16]", "model.widths=[8, 16]: needs 3 entries"),
-        ("trainer.device=tpu", "trainer.device='tpu': allowed values: auto, cpu, cuda, cuda:N"),
+        ("runtime.device=tpu", "runtime.device='tpu': allowed values: auto, cpu, cuda, cuda:N"),
         ("loss.semantic.n_points=1", "loss.semantic.n_points=1: must be >= 2"),
     ],
 )
@@ -96,4 +96,4 @@ def test_run_py_rejects_bad_input_before_any_training(tmp_path):
     # the semantic variant without its classifier says what to do
     proc = run_py("variant=semantic", f"paths.weights_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/c", check=False)
     assert proc.returncode == 2 and not (tmp_path / "c").exists()
-    assert "classifier.checkpoint" in proc.stderr and "python run.py task=classifier" in proc.stderr
+    assert "classifier.checkpoint" in proc.stderr and "python run.py task=train_classifier" in proc.stderr

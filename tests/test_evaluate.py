@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from semvae import evaluate as ev
+from semvae.evaluation import metrics as ev
 from semvae.models import ResNetVAE
 
 
@@ -60,13 +60,15 @@ def test_active_units_count_dims_that_vary_over_the_data():
     assert ev.active_units(mu) == 2
 
 
-def test_chi_density_integrates_to_one_and_peaks_near_sqrt_dof():
+def test_prior_norm_is_the_norm_of_standard_normal_codes():
     for dof in (1, 2, 16):
-        r = torch.linspace(0, 12, 20001, dtype=torch.float64)
-        p = ev.chi_pdf(r, dof)
-        assert torch.trapezoid(p, r).item() == pytest.approx(1.0, abs=1e-3)
+        norms = torch.randn(200_000, dof, generator=torch.Generator().manual_seed(dof), dtype=torch.float64).norm(dim=1)
+        prior = ev.prior_norm(dof)
+        assert prior.mean() == pytest.approx(norms.mean().item(), rel=5e-3)
+        r = torch.linspace(0, 12, 20001, dtype=torch.float64).numpy()
+        assert float(torch.trapezoid(torch.from_numpy(prior.pdf(r)), torch.from_numpy(r))) == pytest.approx(1, abs=1e-3)
         if dof > 1:
-            assert r[p.argmax()].item() == pytest.approx(math.sqrt(dof - 1), abs=0.01)
+            assert r[prior.pdf(r).argmax()] == pytest.approx(math.sqrt(dof - 1), abs=0.01)
 
 
 def test_mig_rewards_one_code_per_factor():

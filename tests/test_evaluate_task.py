@@ -13,9 +13,10 @@ import pytest
 
 from analysis.report import write_report
 from semvae.checkpoints import CheckpointError
-from semvae.comparison import TABLE_COLUMNS
 from semvae.config import ConfigError
-from semvae.tasks import check_inputs, evaluate_models
+from semvae.evaluation.report import TABLE_COLUMNS
+from semvae.tasks.checks import check_inputs
+from semvae.tasks.evaluate import evaluate_models
 from tests.conftest import DATA_DIR, ROOT, compose_config, read_summary, run_py
 
 WEIGHTS = ROOT / "weights"
@@ -34,7 +35,7 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path):
         "evaluation.morpho_points=6",
         "evaluation.n_random_directions=1",
         "evaluation.n_pairs=3",
-        "trainer.device=cpu",
+        "runtime.device=cpu",
         f"hydra.run.dir={run_dir}",
     )
     frame = pd.read_csv(run_dir / "comparison.csv")
@@ -106,7 +107,7 @@ def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluat
         "evaluation.morpho_points=10",
         "evaluation.n_random_directions=1",
         "evaluation.steps=[1.0]",
-        "trainer.device=cpu",
+        "runtime.device=cpu",
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]

@@ -16,9 +16,9 @@ from semvae import checkpoints, rundir
 from semvae.data import Split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
+from semvae.stopping import StopFlag, StopRequested
 from semvae.tracking import Tracker
-from semvae.train import StopFlag, StopRequested, fit
-from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
+from tests.conftest import DATA_DIR, ROOT, read_summary, run_py, train_loop
 from tests.test_nothing_lost import Payload
 
 # long enough to be interrupted: 2 epochs of 24 batches, a checkpoint every 3 steps
@@ -112,22 +112,20 @@ def test_stop_flag_checkpoints_mid_epoch_and_resume_matches(tmp_path):
                 stop.signum = signal.SIGTERM  # as if the signal arrived during this step
             return vae_objective(m, x, 1.0, 0.0)
 
-        fit(
+        train_loop(
+            run_dir,
             model,
             data,
             val,
             step,
             lambda m, x, y: vae_objective(m, x, 1.0, 0.0),
-            run_dir=run_dir,
-            tracker=Tracker(run_dir, {}, mode="disabled"),
+            resume=resume,
+            stop=stop,
             epochs=2,
             batch_size=16,
             lr=1e-3,
             log_every=4,
             checkpoint_every=None,
-            progress=False,
-            resume=resume,
-            stop=stop,
         )
         return model
 

@@ -129,7 +129,7 @@ def test_vae_objective_combines_terms_with_beta_and_lambda():
 
 
 def test_the_fast_path_computes_the_same_loss():
-    """bf16 autocast with channels-last models (trainer.precision=bf16, trainer.channels_last=true) against the
+    """bf16 autocast with channels-last models (runtime.precision=bf16, runtime.channels_last=true) against the
     plain fp32 computation: same weights, noise, directions and batch."""
     from semvae.models import Classifier, freeze
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from skimage.morphology import medial_axis as skimage_medial_axis
 
-from semvae.morpho import MEASURES, measure, skeletons, standardize, upsample
+from semvae.evaluation.morpho import MEASURES, measure, skeletons, standardize, upsample
 from tests.conftest import DATA_DIR
 
 AREA, LENGTH, THICKNESS, SLANT, WIDTH, HEIGHT = range(6)

@@ -21,10 +21,10 @@ from semvae.data import DataError, Split, load_split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
 from semvae.stopping import StopFlag, StopRequested, check
-from semvae.tasks import check_inputs, check_resumable, check_writable
+from semvae.tasks.checks import check_inputs, check_resumable, check_writable
 from semvae.tracking import Tracker
-from semvae.train import NonFiniteLossError, fit
-from tests.conftest import DATA_DIR, ROOT
+from semvae.training import NonFiniteLossError
+from tests.conftest import DATA_DIR, ROOT, train_loop
 from tests.conftest import compose_config as config
 
 WEIGHTS = ROOT / "weights"
@@ -81,7 +81,7 @@ def test_a_resume_with_other_settings_names_each_differing_key(tmp_path):
 
 
 def _plain(cfg):
-    from semvae.tasks import as_plain
+    from semvae.config import as_plain
 
     return as_plain(cfg)
 
@@ -90,16 +90,9 @@ def _tiny_fit(run_dir: Path, step_fn, **kwargs):
     images = (torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.7).float()
     data = Split(images, torch.zeros(64, dtype=torch.long))
     model = ResNetVAE(4, (4, 8, 8), 1)
-    settings = dict(epochs=1, batch_size=16, lr=1e-3, log_every=1, checkpoint_every=1, progress=False)
-    fit(
-        model,
-        data,
-        data,
-        step_fn,
-        lambda m, x, y: vae_objective(m, x, 1.0, 0.0),
-        run_dir=run_dir,
-        tracker=Tracker(run_dir, {}, mode="disabled"),
-        **(settings | kwargs),
+    settings = dict(epochs=1, batch_size=16, lr=1e-3, log_every=1, checkpoint_every=1)
+    train_loop(
+        run_dir, model, data, data, step_fn, lambda m, x, y: vae_objective(m, x, 1.0, 0.0), **(settings | kwargs)
     )
     return model
 
@@ -146,6 +139,7 @@ def test_resumed_training_counts_the_time_of_every_segment(tmp_path):
 
 
 def test_a_stop_signal_is_a_flag_checked_by_long_work_and_ctrl_c_counts():
+    before = signal.getsignal(signal.SIGINT)
     with StopFlag() as flag:
         check("nothing to save")  # no signal yet: no stop
         with StopFlag() as inner:
@@ -154,7 +148,7 @@ def test_a_stop_signal_is_a_flag_checked_by_long_work_and_ctrl_c_counts():
         assert flag.signum == signal.SIGINT
         with pytest.raises(StopRequested, match="SIGINT received: rows saved"):
             check("rows saved")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler of before the flag is back
 
 
 def test_stale_temporary_files_are_removed_by_the_next_save(tmp_path):
@@ -303,7 +297,8 @@ def test_report_names_a_damaged_run_file_and_reads_nan_metrics(tmp_path):
 def test_a_stop_during_the_evaluation_after_training_keeps_the_training_and_resumes_with_the_evaluation(
     tmp_path, monkeypatch
 ):
-    from semvae import tasks
+    from semvae.evaluation.suite import EvaluationBench
+    from semvae.tasks.train_vae import train_vae
 
     settings = [
         "trainer=smoke",
@@ -317,21 +312,21 @@ def test_a_stop_during_the_evaluation_after_training_keeps_the_training_and_resu
         "evaluation.n_pairs=2",
     ]
     run_dir = tmp_path / "run"
-    real_evaluate = tasks.EvaluationBench.evaluate
+    real_evaluate = EvaluationBench.evaluate
 
     def signalled_evaluate(bench, vae):
         signal.raise_signal(signal.SIGTERM)  # arrives while the trained model is being evaluated
         return real_evaluate(bench, vae)
 
-    monkeypatch.setattr(tasks.EvaluationBench, "evaluate", signalled_evaluate)
+    monkeypatch.setattr(EvaluationBench, "evaluate", signalled_evaluate)
     with StopFlag(), pytest.raises(StopRequested, match="SIGTERM received: training is complete"):
-        tasks.train_vae(config(*settings), run_dir)
+        train_vae(config(*settings), run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["stopped_at_step"] == 6
     assert not (run_dir / "model.pth").exists()
 
-    monkeypatch.setattr(tasks.EvaluationBench, "evaluate", real_evaluate)
+    monkeypatch.setattr(EvaluationBench, "evaluate", real_evaluate)
     with StopFlag():
-        summary = tasks.train_vae(config(*settings), run_dir)
+        summary = train_vae(config(*settings), run_dir)
     assert summary["status"] == "finished" and summary["steps"] == 6 and "test/gsv_norm_morpho" in summary
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 6

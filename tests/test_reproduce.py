@@ -4,7 +4,7 @@ stages on a second call, and the table over seeds that ``analysis.report`` makes
 from analysis.collect import collect_runs
 from analysis.report import write_report
 from semvae import checkpoints
-from semvae.reproduce import passed_on
+from semvae.tasks.reproduce import passed_on
 from tests.conftest import run_py
 
 SMOKE = (
@@ -39,7 +39,7 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
     assert b5["config"]["seed"] == 1 and b5["config"]["loss"]["beta"] == 5.0 and b5["summary"]["epochs"] == 1
     semantic = checkpoints.load(weights / "semanticVAE_epoch1.pth")
     assert semantic["config"]["classifier"]["checkpoint"] == str(weights / "classifier.pth")
-    for stage in ("classifier_resnet", "classifier_judge", "VAE_s0", "b5-VAE_s1", "semanticVAE_s1"):
+    for stage in ("classifier_classifier", "classifier_judge", "VAE_s0", "b5-VAE_s1", "semanticVAE_s1"):
         assert (run_dir / stage / "summary.json").is_file(), stage
 
     models = collect_runs(run_dir / "evaluation")
@@ -74,7 +74,7 @@ def test_reproduce_rejects_an_unknown_variant_before_any_work(tmp_path):
     assert "variant=betta" in proc.stderr and "beta" in proc.stderr
     assert not (tmp_path / "weights").exists()
     proc = run_py(
-        "experiment=reproduce", "reproduce.classifiers=[resnet,judg]", f"paths.output_dir={tmp_path}/o", check=False
+        "experiment=reproduce", "reproduce.classifiers=[classifier,judg]", f"paths.output_dir={tmp_path}/o", check=False
     )
-    message = "reproduce.classifiers=['resnet', 'judg']: allowed values: resnet, judge"
+    message = "reproduce.classifiers=['classifier', 'judg']: allowed values: classifier, judge"
     assert proc.returncode == 2 and message in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from semvae import checkpoints
-from semvae.tasks import train_vae
+from semvae.tasks.train_vae import train_vae
 from tests.conftest import compose_config, read_metrics, read_summary, run_py
 
 
@@ -31,10 +31,10 @@ def test_classifier_task_trains_and_exports(tmp_path, weights_dir):
     state = checkpoints.load(path)
     assert state["kind"] == "classifier" and state["architecture"]["widths"] == [16, 32, 64]
     assert 0.0 <= state["test/accuracy"] <= 1.0 and state["n_val"] == 2_000 and state["n_train"] >= 21_797
-    assert state["summary"]["epochs"] == 2 and state["config"]["task"]["name"] == "classifier"
+    assert state["summary"]["epochs"] == 2 and state["config"]["task"]["name"] == "train_classifier"
     before = path.read_bytes()
     proc = run_py(
-        "task=classifier",
+        "task=train_classifier",
         "trainer=smoke",
         "logger=none",
         f"paths.weights_dir={weights_dir}",

@@ -6,7 +6,8 @@ from semvae.data import Split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
 from semvae.tracking import Tracker
-from semvae.train import NonFiniteLossError, fit
+from semvae.training import NonFiniteLossError
+from tests.conftest import train_loop
 
 
 def _data(n=96, seed=0):
@@ -23,21 +24,20 @@ def _train(run_dir, epochs, resume=None, step_fn=_vae_step):
     torch.manual_seed(0)
     model = ResNetVAE(4, (4, 8, 8), 1)
     tracker = Tracker(run_dir, config={}, mode="disabled")
-    result = fit(
+    result = train_loop(
+        run_dir,
         model,
         _data(),
         _data(32, seed=1),
         step_fn,
         _vae_step,
-        run_dir=run_dir,
         tracker=tracker,
+        resume=resume,
         epochs=epochs,
         batch_size=16,
         lr=1e-3,
         seed=0,
         log_every=2,
-        progress=False,
-        resume=resume,
     )
     return model, result
 
@@ -103,28 +103,26 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
 
 
 def test_bf16_on_a_device_without_native_bf16_is_warned_about(monkeypatch, caplog):
-    import semvae.tasks
-    from semvae.config import Config
+    from semvae import runtime
 
-    cfg = Config()
-    cfg.trainer.device, cfg.trainer.precision = "cpu", "bf16"
-    monkeypatch.setattr(semvae.tasks, "native_bf16", lambda device: False)
-    with caplog.at_level("WARNING", logger="semvae.tasks"):
-        semvae.tasks._setup(cfg)
-    assert "trainer.precision=bf16: cpu has no native bfloat16" in caplog.text
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="semvae.runtime"):
+        runtime.setup("cpu", None, "bf16")
+    assert "runtime.precision=bf16: cpu has no native bfloat16" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(semvae.tasks, "native_bf16", lambda device: True)
-    semvae.tasks._setup(cfg)
-    assert caplog.text == ""
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    runtime.setup("cpu", None, "bf16")
+    assert caplog.text == "" and torch.get_num_threads() == threads
 
 
 def test_fp32_means_ieee_float32_on_gpus_too():
-    import semvae.tasks
+    from semvae.runtime import resolve_device
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-        assert semvae.tasks.resolve_device("cpu") == torch.device("cpu")
+        assert resolve_device("cpu") == torch.device("cpu")
         assert torch.backends.cudnn.allow_tf32 is False
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:

@@ -1,6 +1,6 @@
 """``hydra/launcher=local``: the jobs of a multirun in parallel on this machine, each in a process of its own.
 
-At most ``n_jobs`` jobs run at a time, each with ``cores // n_jobs`` torch threads (``trainer.num_threads``
+At most ``n_jobs`` jobs run at a time, each with ``cores // n_jobs`` torch threads (``runtime.num_threads``
 overrides it; ``summary.json`` records it as ``torch_threads``). Because every job has its own process, one that
 dies (``kill -9``, the out-of-memory killer) fails alone: its folder gets an ``error.txt`` naming how it ended, the
 other jobs go on, and the sweep lists it at the end like any failed job (``semvae.sweep.SweepReport``). A pool of

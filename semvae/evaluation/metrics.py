@@ -1,5 +1,5 @@
-"""Evaluation metrics of METHOD.md as functions of (model, data): reconstruction, Global Semantic Variance,
-latent norms, active units, disentanglement against morphometrics, interpolations and traversals.
+"""The evaluation's metrics (docs/METHOD.md) as pure functions of (model, data): reconstruction, Global Semantic
+Variance, latent norms, active units, disentanglement against morphometrics, interpolations and traversals.
 
 Every function takes tensors and plain values and works in batches (no Python loop over samples or directions).
 Randomness comes from explicit seeds, so every model is evaluated on the same images, pairs and directions.
@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from semvae import stopping
-from semvae.models import ResNetVAE
+from semvae.losses import bernoulli_nll, gaussian_kl, mean_squared_change, semantic_variance_per_direction
+from semvae.models import ResNetVAE, reparameterize
 
 Judge = Callable[[Tensor], Tensor]  # images (B, 1, 28, 28) in [0, 1] -> features (B, F)
 
@@ -37,10 +38,8 @@ def decode_images(vae: ResNetVAE, z: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat([torch.sigmoid(vae.decode(z[s])) for s in _batches(len(z), batch_size)])
 
 
-@torch.no_grad()
-def reconstruction_errors(vae: ResNetVAE, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Per-image mean squared error between x and sigmoid(G(mu(x))), (N,)."""
-    recon = decode_images(vae, latent_means(vae, images, batch_size), batch_size)
+def squared_errors(recon: Tensor, images: Tensor) -> Tensor:
+    """Per-image mean squared error between reconstructions and images, (N,): the MSE of every table."""
     return (recon - images).pow(2).flatten(1).mean(1)
 
 
@@ -52,10 +51,8 @@ def negative_elbo(vae: ResNetVAE, images: Tensor, seed: int = 0, batch_size: int
     for s in _batches(len(images), batch_size):
         x = images[s]
         mu, logvar = vae.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g).to(mu.device)
-        nll = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="none").flatten(1).sum(1)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
-        out.append(nll + kl)
+        z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=g).to(mu.device))
+        out.append(bernoulli_nll(vae.decode(z), x, per_example=True) + gaussian_kl(mu, logvar, per_example=True))
     return torch.cat(out)
 
 
@@ -83,14 +80,15 @@ def global_semantic_variance(
     batch_size: int = 2000,
     eps: float = 1e-8,
 ) -> dict[str, dict[str, Tensor]]:
-    """GSV of METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
+    """GSV of docs/METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
 
     ``decode`` maps codes to images in [0, 1]; each judge maps images to features. For every (step, direction)
     pair the change Delta_i = judge(decode(z_i + step * d)) - judge(decode(z_i)) is reduced over the N starting
-    points to the raw value mean_f Var_i (unbiased) and the normalised value
-    sum_f Var_i / (sum_f mean_i Delta^2 + eps) (population variance, in [0, 1]).
+    points by the training loss's core, ``semantic_variance_per_direction``: the raw value mean_f Var_i (unbiased)
+    and the normalised value sum_f Var_i / (sum_f mean_i Delta^2 + eps) (population variance, in [0, 1]); and
+    "change", the normalised form's denominator sum_f mean_i Delta^2 (how much the judge's reading moves).
     Shifted codes are decoded and judged in chunks of ``batch_size`` images, all judges on the same images.
-    Returns ``{judge: {"raw": (S, D), "norm": (S, D)}}``.
+    Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``.
     """
     n, latent_dim = z.shape
     base_images = torch.cat([decode(z[s]) for s in _batches(n, batch_size)])
@@ -99,6 +97,7 @@ def global_semantic_variance(
     per_chunk = max(1, batch_size // n)  # shifts whose N images go through the decoder together
     raw = {name: [] for name in judges}
     norm = {name: [] for name in judges}
+    change = {name: [] for name in judges}
     for s in _batches(len(shifts), per_chunk):
         stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
         k = s.stop - s.start
@@ -107,14 +106,12 @@ def global_semantic_variance(
         for name, judge in judges.items():
             feats = torch.cat([judge(images[c]) for c in _batches(len(images), batch_size)])
             delta = feats.reshape(k, n, -1) - base[name].unsqueeze(0)  # (k, N, F)
-            raw[name].append(delta.var(dim=1, unbiased=True).mean(dim=1))
-            spread = delta.var(dim=1, unbiased=False).sum(dim=1)
-            norm[name].append(spread / (delta.pow(2).mean(dim=1).sum(dim=1) + eps))
+            raw[name].append(semantic_variance_per_direction(delta, normalize=False))
+            norm[name].append(semantic_variance_per_direction(delta, normalize=True, eps=eps))
+            change[name].append(mean_squared_change(delta))
     n_steps = len(steps)
-    return {
-        name: {"raw": torch.cat(raw[name]).reshape(n_steps, -1), "norm": torch.cat(norm[name]).reshape(n_steps, -1)}
-        for name in judges
-    }
+    forms = {"raw": raw, "norm": norm, "change": change}
+    return {name: {form: torch.cat(v[name]).reshape(n_steps, -1) for form, v in forms.items()} for name in judges}
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:
@@ -122,10 +119,11 @@ def active_units(mu: Tensor, threshold: float = 0.01) -> int:
     return int((mu.var(dim=0, unbiased=True) > threshold).sum().item())
 
 
-def chi_pdf(r: Tensor, dof: int) -> Tensor:
-    """Density of the chi distribution with ``dof`` degrees of freedom: the norm of z ~ N(0, I_dof)."""
-    log_pdf = (dof - 1) * torch.log(r.clamp_min(1e-12)) - r.pow(2) / 2 - (dof / 2 - 1) * math.log(2)
-    return torch.exp(log_pdf - math.lgamma(dof / 2))
+def prior_norm(latent_dim: int):
+    """The distribution of ||z|| for z ~ N(0, I_L) under the prior: chi with L degrees of freedom (scipy)."""
+    from scipy import stats
+
+    return stats.chi(latent_dim)
 
 
 def _discretize(values: Tensor, bins: int) -> Tensor:
@@ -133,6 +131,11 @@ def _discretize(values: Tensor, bins: int) -> Tensor:
     lo, hi = values.min(dim=0).values, values.max(dim=0).values
     scaled = (values - lo) / (hi - lo).clamp_min(1e-12)
     return (scaled * bins).long().clamp_(0, bins - 1)
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Entropy in nats of the distributions in the last dim of ``p`` (rows summing to 1; 0 log 0 = 0)."""
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
 
 
 def _mutual_information(a: Tensor, b: Tensor, bins: int) -> Tensor:
@@ -154,10 +157,9 @@ def mig(codes: Tensor, factors: Tensor, bins: int = 20) -> float:
     """
     a, b = _discretize(codes.double(), bins), _discretize(factors.double(), bins)
     mi = _mutual_information(a, b, bins)  # (J, K)
-    pb = F.one_hot(b, bins).double().mean(0)  # (K, bins)
-    entropy = -(pb * torch.where(pb > 0, pb.log(), torch.zeros_like(pb))).sum(1)
+    h = entropy(F.one_hot(b, bins).double().mean(0))  # (K,)
     top = mi.topk(2, dim=0).values  # (2, K)
-    return ((top[0] - top[1]) / entropy.clamp_min(1e-12)).mean().item()
+    return ((top[0] - top[1]) / h.clamp_min(1e-12)).mean().item()
 
 
 def dci(codes: Tensor, factors: Tensor, train_fraction: float = 0.8, ridge: float = 1e-3) -> dict[str, float]:
@@ -181,9 +183,7 @@ def dci(codes: Tensor, factors: Tensor, train_fraction: float = 0.8, ridge: floa
     n_codes, n_factors = importance.shape
 
     def one_minus_entropy(p: Tensor, base: int) -> Tensor:
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1) / math.log(base)
-        return 1 - h
+        return 1 - entropy(p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)) / math.log(base)
 
     per_code = one_minus_entropy(importance, n_factors)  # (J,)
     code_weight = importance.sum(1) / importance.sum().clamp_min(1e-12)

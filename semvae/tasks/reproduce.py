@@ -2,10 +2,10 @@
 epochs, then the comparison of all of them on the test split.
 
     python run.py experiment=reproduce                       # conf/experiment/reproduce.yaml
-    python run.py experiment=reproduce trainer.device=cuda   # the same on a GPU
+    python run.py experiment=reproduce runtime.device=cuda   # the same on a GPU
 
-Each stage is an ordinary run (``task=classifier`` or ``task=train``), composed from ``conf/`` with the stage's
-overrides plus the command line's own, and run in ``<run dir>/<stage>``. A stage whose model file already exists
+Each stage is an ordinary run (``task=train_classifier`` or ``task=train_vae``), composed from ``conf/`` with the
+stage's overrides plus the command line's own, and run in ``<run dir>/<stage>``. A stage whose model file already exists
 is skipped, and an interrupted stage continues from its ``last.pt``, so running the same command again (the
 experiment fixes the run dir) picks up where it stopped. Seed-0 VAEs are exported to ``weights/<name>_epoch<E>.pth``,
 the other seeds to ``weights/seeds/<name>_seed<S>_epoch<E>.pth``. The evaluation stage runs ``task=evaluate`` on
@@ -22,7 +22,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, TaskName, validate
+from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, validate
+from semvae.tasks.checks import check_inputs
+from semvae.tasks.evaluate import evaluate_models
+from semvae.tasks.train_classifier import train_classifier
+from semvae.tasks.train_vae import train_vae
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,10 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
     seed by seed, so that the seed-0 models of every variant are ready first."""
     r = cfg.reproduce
     stages = []
-    outputs = {"resnet": cfg.classifier.checkpoint, "judge": cfg.evaluation.heldout_checkpoint}
+    outputs = {"classifier": cfg.classifier.checkpoint, "judge": cfg.evaluation.heldout_checkpoint}
     for classifier in REPRODUCE_CLASSIFIERS:
         if classifier in r.classifiers:
-            overrides = ["task=classifier", f"classifier={classifier}"]
+            overrides = ["task=train_classifier", f"classifier={classifier}"]
             if r.classifier_epochs is not None:
                 overrides.append(f"trainer.epochs={r.classifier_epochs}")
             stages.append(Stage(f"classifier_{classifier}", overrides, Path(outputs[classifier]), vae=False))
@@ -71,7 +75,7 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
             name = variant_names[variant]
             output = vae_file(cfg, name, seed)
             overrides = [
-                "task=train",
+                "task=train_vae",
                 f"variant={variant}",
                 f"seed={seed}",
                 f"trainer.epochs={r.epochs}",
@@ -98,8 +102,6 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     """Run the stages of ``plan`` not done yet, then evaluate every VAE; needs a running Hydra app (run.py)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from semvae.tasks import TASKS, check_inputs
-
     run_dir = Path(run_dir)
     common = passed_on(list(HydraConfig.get().overrides.task))
     names = {v: compose(common + [f"variant={v}"]).name for v in cfg.reproduce.variants}
@@ -119,13 +121,14 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
         stage_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: training into %s (exports %s)", stage.name, stage_dir, stage.output)
         check_inputs(stage_cfg, stage_dir)
-        TASKS[stage_cfg.task.name](stage_cfg, stage_dir, group)
+        train = train_vae if stage.vae else train_classifier
+        train(stage_cfg, stage_dir, group)
         done.append(stage.name)
     if not cfg.reproduce.evaluate:
         return {"trained": done}
     eval_dir = run_dir / "evaluation"
     eval_dir.mkdir(parents=True, exist_ok=True)
     check_inputs(evaluation, eval_dir)
-    summary = TASKS[TaskName.evaluate](evaluation, eval_dir, group)
+    summary = evaluate_models(evaluation, eval_dir, group)
     log.info("table over seeds and figures: python -m analysis.report %s", eval_dir)
     return {"trained": done, **summary}

@@ -1,0 +1,128 @@
+"""What an evaluation writes besides its rows: the Markdown comparison table and the figures of one evaluation
+folder (``analysis/`` draws the same kinds of figure over many runs with these functions)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from semvae.evaluation.metrics import prior_norm
+
+if TYPE_CHECKING:  # pandas and matplotlib are imported where a table or figure is made, not with the package
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+# columns of the comparison table: (metric, label); a metric with a "_se" twin is shown as mean ± se.
+# Δ² is how much the judge's reading changes (sum over features of the mean squared change, the normalised GSV's
+# denominator): read every normalised GSV beside it.
+TABLE_COLUMNS = [
+    ("mse", "MSE"),
+    ("neg_elbo", "-ELBO"),
+    ("gsv_raw_train", "GSV raw (train)"),
+    ("gsv_norm_train", "GSV norm (train)"),
+    ("gsv_change_train", "Δ² (train)"),
+    ("gsv_raw_heldout", "GSV raw (held-out)"),
+    ("gsv_norm_heldout", "GSV norm (held-out)"),
+    ("gsv_change_heldout", "Δ² (held-out)"),
+    ("gsv_raw_morpho", "GSV raw (morpho)"),
+    ("gsv_norm_morpho", "GSV norm (morpho)"),
+    ("gsv_change_morpho", "Δ² (morpho)"),
+    ("latent_norm_mean", "mean ‖μ‖"),
+    ("latent_norm_std", "sd ‖μ‖"),
+    ("prior_norm_mean", "prior E‖z‖"),
+    ("active_units", "active units"),
+    ("recon_accuracy", "acc. on recon."),
+    ("mig", "MIG"),
+    ("dci_disentanglement", "DCI D"),
+    ("dci_completeness", "DCI C"),
+    ("dci_informativeness", "DCI I"),
+]
+
+
+def _format(value: Any, se: Any = None) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, float) or not math.isfinite(value):
+        return "" if value is None else str(value)
+    digits = 4 if abs(value) < 10 else 2
+    text = f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    if isinstance(se, float) and math.isfinite(se):
+        text += f" ± {se:.2g}"
+    return text
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table from its header and rows of cell strings: the one renderer of every table the project
+    writes (``analysis/tables.py`` renders its tables over seeds with it too)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table with one row per model; metrics with a standard error show as ``mean ± se``."""
+    columns = [(key, label) for key, label in TABLE_COLUMNS if any(key in row for row in rows)]
+    cells = [[str(row["model"])] + [_format(row.get(key), row.get(f"{key}_se")) for key, _ in columns] for row in rows]
+    return markdown(["model"] + [label for _, label in columns], cells)
+
+
+def latent_norm_density(ax, norms: pd.DataFrame, hue: str, hue_order: list[str], latent_dims: list[int]) -> None:
+    """On ``ax``: the density of ||mu(x)|| (column "norm") per ``hue``, with the prior's norm distribution chi(L)
+    dashed for every latent size L, in one legend."""
+    import seaborn as sns
+
+    sns.kdeplot(data=norms, x="norm", hue=hue, hue_order=hue_order, common_norm=False, fill=True, alpha=0.2, ax=ax)
+    top = max([float(norms["norm"].max())] + [2 * math.sqrt(d) for d in latent_dims])
+    r = np.linspace(0, top * 1.05, 400)
+    handles, labels = [], []
+    legend = ax.get_legend()
+    if legend is not None:  # seaborn's hue legend, merged with the prior lines
+        handles, labels = list(legend.legend_handles), [t.get_text() for t in legend.get_texts()]
+        legend.remove()
+    for dim in sorted(set(latent_dims)):
+        (line,) = ax.plot(r, prior_norm(dim).pdf(r), "k--", lw=1)
+        handles.append(line)
+        labels.append(f"prior: chi({dim})")
+    ax.legend(handles, labels, fontsize=8)
+    ax.set_xlabel("||mu(x)|| on the test split")
+    ax.set_ylabel("density")
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def latent_norm_figure(norms: dict[str, np.ndarray], latent_dims: dict[str, int], path: Path) -> Path:
+    """Density of ||mu(x)|| per model of an evaluation, overlaid, with the prior for each latent size."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    frame = pd.concat([pd.DataFrame({"model": name, "norm": np.asarray(v)}) for name, v in norms.items()])
+    fig = Figure(figsize=(7, 4))
+    latent_norm_density(fig.subplots(), frame, "model", list(norms), list(latent_dims.values()))
+    return save_figure(fig, path)
+
+
+def gsv_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Normalised GSV per judge and model; the bars are 95% intervals of the evaluation (1.96 standard errors)."""
+    from matplotlib.figure import Figure
+
+    judges = [j for j in ("train", "heldout", "morpho") if any(f"gsv_norm_{j}" in r for r in rows)]
+    fig = Figure(figsize=(2 + 2 * len(judges), 4))
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        x = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(judges))]
+        y = [row.get(f"gsv_norm_{j}", float("nan")) for j in judges]
+        err = [1.96 * row.get(f"gsv_norm_{j}_se", 0.0) for j in judges]
+        ax.bar(x, y, width, yerr=err, capsize=3, label=row["model"])
+    ax.set_xticks(range(len(judges)), [f"judge: {j}" for j in judges])
+    ax.set_ylabel("GSV, normalised (lower: more consistent)")
+    ax.set_title("error bars: 95% interval of the evaluation (1.96 SE)", fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,151 @@
+"""task=evaluate: compare trained VAEs on the test split; and the evaluation of a model a training job has just made
+(``task.evaluate=true``). The metrics are in ``semvae/evaluation/``; this module runs them and writes the results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from semvae import checkpoints
+from semvae.checkpoints import write_json_atomic
+from semvae.config import Config, ConfigError, as_plain
+from semvae.evaluation import report
+from semvae.evaluation.suite import EvaluationBench
+from semvae.manifest import sha256
+from semvae.models import ResNetVAE
+from semvae.stopping import StopRequested
+from semvae.tasks.common import make_tracker, setup
+from semvae.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir: Path, tracker: Tracker) -> dict:
+    """The evaluation of docs/METHOD.md for the model a job has just trained: ``test/*`` metrics for its summary,
+    ``latent_norms.npy`` (||mu(x)|| over the test split), interpolation and traversal grids."""
+    from torchvision.utils import save_image
+
+    e = cfg.evaluation
+    log.info("evaluating the trained model on the test split")
+    vae.eval()
+    metrics, images, norms = EvaluationBench.prepare(cfg, device).evaluate(vae)
+    np.save(run_dir / "latent_norms.npy", norms.numpy().astype(np.float32))
+    save_image(images["interpolations"], run_dir / "interpolations.png", nrow=e.interpolation_steps)
+    save_image(images["traversals"], run_dir / "traversals.png", nrow=e.traversal_steps)
+    tracker.log_files(
+        {"test/interpolations": run_dir / "interpolations.png", "test/traversals": run_dir / "traversals.png"}
+    )
+    return {f"test/{k}": v for k, v in metrics.items()}
+
+
+def evaluation_settings(cfg: Config) -> dict[str, Any]:
+    """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and the
+    device), the judges' files (by content) and the data. A model row written with other settings is evaluated again."""
+    e = as_plain(cfg.evaluation)
+    judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
+    files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
+    settings = {k: v for k, v in e.items() if k != "checkpoints"}
+    return settings | files | {"data.name": cfg.data.name.value}
+
+
+def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
+    """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and, per model,
+    ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``.
+
+    Each model's row is written as soon as it is measured. Run again in the same run dir, the task keeps the rows
+    of the same files measured with the same settings and evaluates only the others; a stop signal ends it after
+    saving the rows it has (summary ``status: stopped``)."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    e = cfg.evaluation
+    device = setup(cfg, seed=False)
+    names = [Path(p).stem for p in e.checkpoints]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"evaluation.checkpoints={e.checkpoints}: file names must differ (they name the rows)")
+    # load everything first: a wrong file fails before any computation
+    models = {name: checkpoints.load_vae(path, device) for name, path in zip(names, e.checkpoints, strict=True)}
+    settings = evaluation_settings(cfg)
+    files = {name: (str(path), sha256(path)) for name, path in zip(names, e.checkpoints, strict=True)}
+    rows: dict[str, dict[str, Any]] = {}
+    norms: dict[str, Tensor] = {}
+    for name in names:  # rows of an earlier, stopped run of this evaluation
+        record, norm_file = run_dir / "models" / f"{name}.json", run_dir / "models" / f"{name}_latent_norms.npy"
+        if record.is_file() and norm_file.is_file():
+            saved = json.loads(record.read_text())
+            if (saved.get("checkpoint"), saved.get("checkpoint_sha256")) == files[name] and saved.get(
+                "settings"
+            ) == settings:
+                rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")}
+                norms[name] = torch.from_numpy(np.load(norm_file))
+    if rows:
+        log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
+    bench = EvaluationBench.load(cfg, device)
+    started = time.perf_counter()
+    tracker = make_tracker(cfg, run_dir, job_type="evaluate", group=group, extra={"models": names})
+    try:
+        bench.measure_factors()
+        (run_dir / "models").mkdir(exist_ok=True)
+        for name, (vae, state) in models.items():
+            if name in rows:
+                continue
+            log.info("evaluating %s (%s), model %d of %d", name, state.get("variant", "?"), len(rows) + 1, len(names))
+            metrics, images, norms[name] = bench.evaluate(vae)
+            row = {
+                "model": name,
+                "variant": state.get("variant"),
+                "epochs": state.get("summary", {}).get("epochs"),
+                "checkpoint": files[name][0],
+                "checkpoint_sha256": files[name][1],
+                **metrics,
+            }
+            np.save(run_dir / "models" / f"{name}_latent_norms.npy", norms[name].numpy().astype(np.float32))
+            # W&B keys interpolations/NAME put every model's grid in one panel section; files interpolations_NAME.png
+            tracker.log_images({f"interpolations/{name}": images["interpolations"]}, 0, nrow=e.interpolation_steps)
+            tracker.log_images({f"traversals/{name}": images["traversals"]}, 0, nrow=e.traversal_steps)
+            record = row | {"config": state.get("config"), "settings": settings}
+            write_json_atomic(record, run_dir / "models" / f"{name}.json")  # last: the row marks the model as done
+            rows[name] = row
+        rows_in_order = [rows[name] for name in names]
+        frame = pd.DataFrame(rows_in_order)
+        frame.to_csv(run_dir / "comparison.csv", index=False)
+        (run_dir / "comparison.md").write_text(report.markdown_table(rows_in_order))
+        latent_dims = {r["model"]: r["latent_dim"] for r in rows_in_order}
+        report.latent_norm_figure(norms, latent_dims, run_dir / "latent_norms.png")
+        report.gsv_figure(rows_in_order, run_dir / "gsv.png")
+        seconds = time.perf_counter() - started
+        summary = {"status": "finished", "eval_seconds": round(seconds, 2), "n_test": len(bench.test), "models": names}
+        summary |= {f"{r['model']}/{k}": v for r in rows_in_order for k, v in r.items() if isinstance(v, int | float)}
+        tracker.update_summary(summary)
+        tracker.log_table("comparison", frame)
+        tracker.log_files({"latent_norms": run_dir / "latent_norms.png", "gsv": run_dir / "gsv.png"})
+    except StopRequested as stopped:
+        done = [name for name in names if name in rows]
+        tracker.update_summary({"status": "stopped", "models": names, "evaluated": done})
+        tracker.finish(exit_code=128 + stopped.signum)
+        raise StopRequested(
+            stopped.signum,
+            f"{len(done)} of {len(names)} models evaluated, their rows saved in {run_dir / 'models'}; "
+            "the same command in the same run dir evaluates the others",
+        ) from None
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    log.info(
+        "evaluated %d model%s on %d test images in %.1fs; table: %s\n%s",
+        len(names),
+        "" if len(names) == 1 else "s",
+        len(bench.test),
+        seconds,
+        run_dir / "comparison.md",
+        report.markdown_table(rows_in_order),
+    )
+    return summary

@@ -41,7 +41,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _row(source: str, run: str, run_dir: str | None, config: dict[str, Any], summary: dict[str, Any]) -> dict:
     """One run as a flat row; a training run without a recorded variant gets the one its loss weights define."""
     row = {"source": source, "run": run, "run_dir": run_dir, **flatten(config), **flatten(summary)}
-    trains_a_vae = row.get("task.name", "train") == "train" and "loss.beta" in row and "loss.semantic_weight" in row
+    task = row.get("task.name", "train_vae")  # "train" before the tasks were named train_vae / train_classifier
+    trains_a_vae = task in ("train", "train_vae") and "loss.beta" in row and "loss.semantic_weight" in row
     if row.get("variant") is None and trains_a_vae:
         row["variant"] = variant_of(row["loss.beta"], row["loss.semantic_weight"])
     return row
@@ -96,6 +97,8 @@ def collect_runs(path: str | Path, include_unfinished: bool = False) -> pd.DataF
             rows += _unevaluated_rows(run_dir, config, summary)
             continue
         summary.setdefault("status", "finished")
+        if (run_dir / "interpolations.png").is_file():  # a training job evaluated with task.evaluate=true
+            summary.setdefault("interpolations", str(run_dir / "interpolations.png"))
         rows.append(_row("local", str(run_dir), str(run_dir), config, summary))
     return _frame(rows, include_unfinished)
 
@@ -180,9 +183,12 @@ def collect_wandb(
 
 
 def load_runs(source: str | Path, include_unfinished: bool = False) -> pd.DataFrame:
-    """Runs from a local folder, or from W&B when ``source`` is ``wandb:ENTITY/PROJECT`` (or ``wandb:PROJECT``)."""
+    """Runs from a local folder, or from W&B when ``source`` is ``wandb:ENTITY/PROJECT`` (or ``wandb:PROJECT``).
+    A folder that does not exist raises RunFileError: a report on nothing would look like a report on no runs."""
     text = str(source)
     if text.startswith("wandb:"):
         entity, _, project = text.removeprefix("wandb:").rpartition("/")
         return collect_wandb(project, entity=entity or None, include_unfinished=include_unfinished)
+    if not Path(source).is_dir():
+        raise RunFileError(f"no such folder of runs: {Path(source).resolve()}")
     return collect_runs(source, include_unfinished=include_unfinished)

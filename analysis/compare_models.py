@@ -14,10 +14,10 @@
 # Every finished run below `$SEMVAE_RUNS` (default `outputs/`; `wandb:ENTITY/PROJECT` reads W&B instead), grouped by
 # variant and loss weights: the mean of each test metric over seeds with the half-width of its 95% t-interval, then
 # the distribution of the encoder means' norms ||mu(x)|| against the prior's chi distribution.
-# Open with `jupytext --to notebook analysis/compare_models.py`, or run as is in VS Code / Jupyter with jupytext.
+# Run with `python -m analysis.notebooks compare_models [--runs DIR]` (writes outputs/analysis/compare_models.ipynb),
+# or open as a notebook in Jupyter / VS Code with jupytext.
 
 # %%
-import os
 import sys
 from pathlib import Path
 
@@ -27,21 +27,19 @@ ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "analysis" / "c
 sys.path.insert(0, str(ROOT))
 
 from analysis import figures  # noqa: E402
-from analysis.collect import load_runs  # noqa: E402
+from analysis.notebooks import figures_dir, load_vae_runs  # noqa: E402
 from analysis.report import grouping_keys  # noqa: E402
 from analysis.tables import comparison_table, to_markdown  # noqa: E402
 
-RUNS = os.environ.get("SEMVAE_RUNS", str(ROOT / "outputs"))
-FIGURES = Path(os.environ.get("SEMVAE_FIGURES", ROOT / "outputs" / "analysis"))
+RUNS, vaes = load_vae_runs()  # $SEMVAE_RUNS, relative to the repository root; refuses a folder without runs
+FIGURES = figures_dir()
 
 # %% [markdown]
 # ## Runs
 
 # %%
-frame = load_runs(RUNS)
-vaes = frame[frame["variant"] != "classifier"]
-print(f"{len(frame)} finished runs in {RUNS}, {len(vaes)} of them VAEs")
-display(vaes.groupby(grouping_keys(vaes)).size().rename("runs").to_frame())
+print(f"{len(vaes)} finished VAE runs in {RUNS}")
+display(vaes.groupby(grouping_keys(vaes), dropna=False).size().rename("runs").to_frame())
 
 # %% [markdown]
 # ## Comparison over seeds

@@ -23,7 +23,22 @@ from analysis.collect import failed_runs, load_runs
 from analysis.tables import comparison_table, difference_table, to_markdown, to_markdown_by_metric, variant_rank
 
 # Config keys that split the comparison when they take more than one value among the runs.
-GROUP_CANDIDATES = ("loss.beta", "loss.semantic_weight", "model.latent_dim", "data.name")
+# config keys that split runs into rows when they differ: the loss, the model, the data and how long and how it trained
+# (a 6-step smoke run is never averaged with a 50-epoch run)
+GROUP_CANDIDATES = (
+    "loss.beta",
+    "loss.semantic_weight",
+    "loss.semantic.normalize",
+    "loss.semantic.step",
+    "loss.semantic.n_directions",
+    "loss.semantic.directions",
+    "model.latent_dim",
+    "data.name",
+    "trainer.epochs",
+    "trainer.limit_train_batches",
+    "trainer.batch_size",
+    "trainer.lr",
+)
 FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {
     "heatmaps": figures.heatmaps,
     "pareto_front": figures.pareto_front,
@@ -35,7 +50,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {
 def grouping_keys(frame: pd.DataFrame, candidates: Sequence[str] = GROUP_CANDIDATES) -> list[str]:
     """``variant`` plus each candidate config key that varies among the runs, so that runs of one row differ only in
     their seed."""
-    return ["variant"] + [key for key in candidates if key in frame and frame[key].nunique() > 1]
+    return ["variant"] + [key for key in candidates if key in frame and frame[key].nunique(dropna=False) > 1]
 
 
 def _counts(source: str, runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:

@@ -16,7 +16,6 @@
 # lower is better on both and the Pareto-optimal runs are the ones no other run beats on both at once.
 
 # %%
-import os
 import sys
 from pathlib import Path
 
@@ -26,15 +25,13 @@ ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "analysis" / "c
 sys.path.insert(0, str(ROOT))
 
 from analysis import figures  # noqa: E402
-from analysis.collect import load_runs  # noqa: E402
+from analysis.notebooks import figures_dir, load_vae_runs  # noqa: E402
 
-RUNS = os.environ.get("SEMVAE_RUNS", str(ROOT / "outputs"))
-FIGURES = Path(os.environ.get("SEMVAE_FIGURES", ROOT / "outputs" / "analysis"))
+RUNS, vaes = load_vae_runs()  # $SEMVAE_RUNS, relative to the repository root; refuses a folder without runs
+FIGURES = figures_dir()
 X, Y = "test/mse", "test/gsv_norm_heldout"
 
 # %%
-frame = load_runs(RUNS)
-vaes = frame[frame["variant"] != "classifier"]
 print(f"{len(vaes)} finished VAE runs in {RUNS}")
 
 # %% [markdown]

@@ -196,7 +196,7 @@ class EvaluationConfig:
 @dataclass
 class Config:
     seed: int = 0
-    name: str = "VAE"  # run name; the variant presets set it
+    name: str = "VAE"  # run name; conf/config.yaml derives it from the loss setting (semvae.losses.run_name)
     # summary keys run.py returns, in order, for a sweeper to optimise (e.g. Optuna): [test/mse, ...]
     objectives: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
@@ -226,9 +226,13 @@ def as_plain(obj: Any) -> Any:
 def register_configs() -> None:
     """Register the schemas so that ``conf/`` files are validated against them while composing."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from semvae.losses import run_name
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("run_name", lambda beta, weight: run_name(float(beta), float(weight)), replace=True)
 
 
 def unknown_key_message(key: str, groups: tuple[str, ...] = ()) -> str | None:

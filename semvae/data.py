@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,13 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
                 f"{cls.__name__} not found under data.root={str(root)!r} and data.download=false. "
                 f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/ (see README, 'Data')."
             ) from None
+        new = [p for p in (root, root / cls.__name__, root / cls.__name__ / "raw") if not p.exists()]
         try:
             # torchvision checks the MD5 of what it fetches before extracting it
             dataset = cls(str(root), train=train, download=True)
         except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
+            if new:  # the folders this attempt made, with whatever it left in them
+                shutil.rmtree(new[0], ignore_errors=True)
             raise DataError(
                 f"{cls.__name__} not found under data.root={str(root)!r} and could not be fetched ({error}). "
                 f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/, or set "

@@ -102,6 +102,9 @@ class Tracker:
             try:
                 self.run = wandb.init(mode=attempt, **kwargs)
                 self.mode = attempt
+                # which W&B run holds this run dir, for `python -m analysis.wandb_report` and `wandb sync`
+                record = {"id": self.run.id, "project": project, "entity": entity, "group": group, "name": name}
+                write_json_atomic(record | {"job_type": job_type, "mode": attempt}, self.run_dir / "wandb.json")
                 return
             except Exception as error:  # noqa: BLE001 - any W&B failure must leave training running
                 log.warning("W&B failed to start in %s mode (%s: %s)", attempt, type(error).__name__, error)

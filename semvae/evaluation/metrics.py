@@ -79,6 +79,7 @@ def global_semantic_variance(
     steps: list[float],
     batch_size: int = 2000,
     eps: float = 1e-8,
+    progress: str | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """GSV of docs/METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
 
@@ -88,6 +89,7 @@ def global_semantic_variance(
     and the normalised value sum_f Var_i / (sum_f mean_i Delta^2 + eps) (population variance, in [0, 1]); and
     "change", the normalised form's denominator sum_f mean_i Delta^2 (how much the judge's reading moves).
     Shifted codes are decoded and judged in chunks of ``batch_size`` images, all judges on the same images.
+    ``progress``, when given, labels a progress bar over the shifts.
     Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``.
     """
     n, latent_dim = z.shape
@@ -98,7 +100,11 @@ def global_semantic_variance(
     raw = {name: [] for name in judges}
     norm = {name: [] for name in judges}
     change = {name: [] for name in judges}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(shifts), desc=progress, unit="shift", leave=False, disable=progress is None)
     for s in _batches(len(shifts), per_chunk):
+        bar.update(s.stop - s.start)
         stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
         k = s.stop - s.start
         codes = (z.unsqueeze(0) + shifts[s].unsqueeze(1)).reshape(k * n, latent_dim)
@@ -109,6 +115,7 @@ def global_semantic_variance(
             raw[name].append(semantic_variance_per_direction(delta, normalize=False))
             norm[name].append(semantic_variance_per_direction(delta, normalize=True, eps=eps))
             change[name].append(mean_squared_change(delta))
+    bar.close()
     n_steps = len(steps)
     forms = {"raw": raw, "norm": norm, "change": change}
     return {name: {form: torch.cat(v[name]).reshape(n_steps, -1) for form, v in forms.items()} for name in judges}

@@ -126,3 +126,45 @@ def gsv_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("error bars: 95% interval of the evaluation (1.96 SE)", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def image_grid(
+    images, n_columns: int, row_labels: list[str], column_labels: list[str], title: str, path: str | Path
+) -> Path:
+    """Images (R * C, 1, H, W) in [0, 1] as an R x C grid with its rows and columns labelled, saved as PNG."""
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images, dtype=np.float32)
+    rows = len(images) // n_columns
+    side = images.shape[-1]
+    canvas = np.ones((rows * (side + 2), n_columns * (side + 2)), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, n_columns)
+        canvas[r * (side + 2) + 1 : r * (side + 2) + 1 + side, c * (side + 2) + 1 : c * (side + 2) + 1 + side] = image[
+            0
+        ]
+    fig = Figure(figsize=(1.2 + 0.5 * n_columns, 0.8 + 0.5 * rows))
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    centres = lambda n: [(side + 2) * k + 1 + side / 2 for k in range(n)]  # noqa: E731
+    ax.set_xticks(centres(n_columns), column_labels, fontsize=7)
+    ax.set_yticks(centres(rows), row_labels, fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return save_figure(fig, path)
+
+
+def interpolation_grid(images, n_steps: int, title: str, path: str | Path) -> Path:
+    """One row per test pair, decoding (1 - t) mu(x_a) + t mu(x_b) for t from 0 to 1."""
+    t = np.linspace(0, 1, n_steps)
+    rows = len(images) // n_steps
+    return image_grid(images, n_steps, [f"pair {i + 1}" for i in range(rows)], [f"t={v:.2g}" for v in t], title, path)
+
+
+def traversal_grid(images, values, title: str, path: str | Path) -> Path:
+    """One row per latent dim j, decoding mu(x) with z_j set to each value."""
+    values = np.asarray(values)
+    rows = len(images) // len(values)
+    return image_grid(images, len(values), [f"z{j}" for j in range(rows)], [f"{v:+.3g}" for v in values], title, path)

@@ -8,6 +8,7 @@ metrics themselves are the pure functions of ``metrics.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from semvae.data import Split, load_split
 from semvae.evaluation import metrics as ev
 from semvae.evaluation import morpho
 from semvae.models import Classifier, ResNetVAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,12 +101,27 @@ def evaluate_model(
     z = ev.latent_means(vae, selection.starts, batch_size)
     directions = ev.evaluation_directions(vae.latent_dim, n_random_directions, seed).to(z.device)
     decode = lambda codes: torch.sigmoid(vae.decode(codes))  # noqa: E731
+    classifiers = {name: net.features for name, net in judges.classifiers.items()}
+    log.info(
+        "GSV: %d starting points x %d directions x %d steps, judges %s%s",
+        len(z),
+        len(directions),
+        len(steps),
+        ", ".join(classifiers) or "-",
+        f"; morpho on {min(morpho_points, len(z))} points" if judges.morpho else "",
+    )
     gsv = ev.global_semantic_variance(
-        decode, {name: net.features for name, net in judges.classifiers.items()}, z, directions, steps, batch_size
+        decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})"
     )
     if judges.morpho:
         gsv |= ev.global_semantic_variance(
-            decode, {"morpho": judges.morpho_features}, z[:morpho_points], directions, steps, batch_size
+            decode,
+            {"morpho": judges.morpho_features},
+            z[:morpho_points],
+            directions,
+            steps,
+            batch_size,
+            progress="GSV (morpho)",
         )
     for judge, values in gsv.items():
         for form in ("raw", "norm", "change"):

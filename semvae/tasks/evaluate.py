@@ -30,19 +30,25 @@ log = logging.getLogger(__name__)
 def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir: Path, tracker: Tracker) -> dict:
     """The evaluation of docs/METHOD.md for the model a job has just trained: ``test/*`` metrics for its summary,
     ``latent_norms.npy`` (||mu(x)|| over the test split), interpolation and traversal grids."""
-    from torchvision.utils import save_image
-
-    e = cfg.evaluation
     log.info("evaluating the trained model on the test split")
     vae.eval()
     metrics, images, norms = EvaluationBench.prepare(cfg, device).evaluate(vae)
     np.save(run_dir / "latent_norms.npy", norms.numpy().astype(np.float32))
-    save_image(images["interpolations"], run_dir / "interpolations.png", nrow=e.interpolation_steps)
-    save_image(images["traversals"], run_dir / "traversals.png", nrow=e.traversal_steps)
+    save_grids(cfg, images, cfg.name, run_dir / "interpolations.png", run_dir / "traversals.png")
     tracker.log_files(
         {"test/interpolations": run_dir / "interpolations.png", "test/traversals": run_dir / "traversals.png"}
     )
     return {f"test/{k}": v for k, v in metrics.items()}
+
+
+def save_grids(cfg: Config, images: dict[str, Tensor], name: str, interpolations: Path, traversals: Path) -> None:
+    """The interpolation and traversal grids of one model as labelled PNGs."""
+    e = cfg.evaluation
+    report.interpolation_grid(
+        images["interpolations"], e.interpolation_steps, f"{name}: interpolations", interpolations
+    )
+    values = torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps)
+    report.traversal_grid(images["traversals"], values, f"{name}: latent traversals", traversals)
 
 
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
@@ -108,8 +114,9 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             }
             np.save(run_dir / "models" / f"{name}_latent_norms.npy", norms[name].numpy().astype(np.float32))
             # W&B keys interpolations/NAME put every model's grid in one panel section; files interpolations_NAME.png
-            tracker.log_images({f"interpolations/{name}": images["interpolations"]}, 0, nrow=e.interpolation_steps)
-            tracker.log_images({f"traversals/{name}": images["traversals"]}, 0, nrow=e.traversal_steps)
+            grids = run_dir / f"interpolations_{name}.png", run_dir / f"traversals_{name}.png"
+            save_grids(cfg, images, name, *grids)
+            tracker.log_files({f"interpolations/{name}": grids[0], f"traversals/{name}": grids[1]})
             record = row | {"config": state.get("config"), "settings": settings}
             write_json_atomic(record, run_dir / "models" / f"{name}.json")  # last: the row marks the model as done
             rows[name] = row

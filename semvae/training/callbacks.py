@@ -90,29 +90,23 @@ class Images(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch with the latest train losses."""
+    """One tqdm bar for the whole run (its ETA is the run's), labelled with the epoch and the latest train losses."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        s = trainer.settings
+        self.bar = tqdm(total=s.epochs * trainer.n_batches, initial=trainer.step, leave=False, dynamic_ncols=True)
+
     def on_step(self, trainer: Trainer) -> None:
-        if self.bar is None:
-            total, s = trainer.n_batches, trainer.settings
-            self.bar = tqdm(
-                total=total,
-                initial=trainer.position - 1,
-                desc=f"epoch {trainer.epoch}/{s.epochs}",
-                leave=False,
-                dynamic_ncols=True,
-            )
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {trainer.epoch}/{trainer.settings.epochs}", refresh=False)
+            self.bar.update(1)
 
     def on_log(self, trainer: Trainer, means: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
-
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-        self.on_fit_end(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.bar is not None:

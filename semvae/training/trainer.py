@@ -80,6 +80,14 @@ def mean_terms(model: nn.Module, split: Split, fn: StepFn, batch_size: int, limi
     return dict(zip(keys, values, strict=True))
 
 
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m20s`` or ``45s``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
     if not all(math.isfinite(v) for v in terms.values()):
         listed = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
@@ -143,7 +151,7 @@ class Trainer:
         self.epoch_steps = 0
         self.keys: list[str] = []  # names of the step's loss terms
         self.seconds_before = 0.0  # training time of the segments before a resume
-        self.started = time.perf_counter()
+        self.started, self.start_step = time.perf_counter(), 0
         self.resumed_from: Path | None = None
 
     @property
@@ -158,7 +166,7 @@ class Trainer:
         s = self.settings
         if resume is not None:
             self.load_state(resume)
-        self.started = time.perf_counter()
+        self.started, self.start_step = time.perf_counter(), self.step
         for cb in self.callbacks:
             cb.on_fit_start(self)
         try:
@@ -234,9 +242,19 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self, record)  # metrics, images, last.pt (and best.pt when improved)
             listed = "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch")
-            log.info("epoch %d/%d  %s", epoch, s.epochs, listed)
+            log.info("epoch %d/%d  %s  (%s)", epoch, s.epochs, listed, self.eta())
             if self.stopping and epoch < s.epochs:
                 raise self.stopped()
+
+    def eta(self) -> str:
+        """Time left for the run at this segment's speed so far, and the wall-clock time it ends."""
+        done, left = self.step - self.start_step, (self.settings.epochs - self.epoch) * self.n_batches
+        if left <= 0:
+            return "done"
+        if done <= 0:
+            return "eta unknown"
+        seconds = (time.perf_counter() - self.started) / done * left
+        return f"eta {duration(seconds)}, at {time.strftime('%H:%M', time.localtime(time.time() + seconds))}"
 
     def optimizer_step(self, index: Tensor) -> Tensor:
         """One step on the batch ``index``; returns its loss terms stacked (on the device, no host read)."""

@@ -94,7 +94,7 @@ def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[fl
     summary, or the ``objectives`` values when a sweeper optimises them."""
     with rundir.held(run_dir), StopFlag():  # the lock first: a folder in use is not read for a resume check
         config = checked_config(cfg, run_dir)
-        log.info("%s %s in %s", config.task.name.value, config.name, Path(run_dir).resolve())
+        log.info("task=%s name=%s in %s", config.task.name.value, config.name, Path(run_dir).resolve())
         summary = TASKS[config.task.name](config, run_dir, group)
     if config.objectives:
         missing = [k for k in config.objectives if k not in summary]

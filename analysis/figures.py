@@ -15,7 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from analysis.tables import variant_rank
+from analysis.tables import comparison_table, variant_rank
 from semvae.evaluation.report import latent_norm_density, save_figure
 
 BETA, SEMANTIC_WEIGHT = "loss.beta", "loss.semantic_weight"
@@ -38,6 +38,111 @@ def _hue_order(variants: pd.Series) -> list[str]:
 def metric_grid(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean of ``metric`` over seeds on the grid ``loss.beta`` (rows) x ``loss.semantic_weight`` (columns)."""
     return frame.pivot_table(index=BETA, columns=SEMANTIC_WEIGHT, values=metric, aggfunc="mean").sort_index()
+
+
+def interval_grid(frame: pd.DataFrame, metric: str, confidence: float = 0.95) -> pd.DataFrame:
+    """beta x semantic weight grid of the half-width of the metric's t-interval over seeds (NaN for one seed)."""
+    table = comparison_table(frame, by=[BETA, SEMANTIC_WEIGHT], metrics=[metric], confidence=confidence)
+    return table[(metric, "half_width")].unstack(SEMANTIC_WEIGHT).sort_index()
+
+
+def setting_table(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per (beta, semantic weight): each metric's mean, t-interval half-width and n over seeds, in flat columns
+    ``METRIC`` / ``METRIC half_width`` / ``METRIC n``; one row per setting."""
+    missing = [key for key in (BETA, SEMANTIC_WEIGHT) if key not in frame]
+    if missing:
+        raise FigureSkipped(f"no {', '.join(missing)} column in the runs")
+    present = [m for m in metrics if m in frame and pd.to_numeric(frame[m], errors="coerce").notna().any()]
+    if not present:
+        raise FigureSkipped(f"no run has any of {', '.join(metrics)}")
+    table = comparison_table(frame, by=[BETA, SEMANTIC_WEIGHT], metrics=present)
+    flat = pd.DataFrame(index=table.index)
+    for metric in present:
+        flat[metric] = table[(metric, "mean")]
+        flat[f"{metric} half_width"] = table[(metric, "half_width")]
+        flat[f"{metric} n"] = table[(metric, "n")]
+    return flat.reset_index().sort_values([BETA, SEMANTIC_WEIGHT], ignore_index=True)
+
+
+TREND_METRICS = (
+    "test/mse",
+    "test/gsv_norm_heldout",
+    "test/gsv_norm_morpho",
+    "test/gsv_change_heldout",
+    "test/active_units",
+    "test/latent_norm_mean",
+)
+
+
+def lambda_trends(frame: pd.DataFrame, path: str | Path, metrics: Sequence[str] = TREND_METRICS) -> Path:
+    """Each metric against the semantic weight lambda (symmetric-log axis, so lambda = 0 is on it), one line per
+    beta: the mean over seeds with its 95% t-interval. Needs at least two values of lambda."""
+    table = setting_table(frame, metrics)
+    if table[SEMANTIC_WEIGHT].nunique() < 2:
+        raise FigureSkipped(f"a single semantic weight ({table[SEMANTIC_WEIGHT].iloc[0]}): no trend to draw")
+    present = [m for m in metrics if m in table]
+    columns = min(3, len(present))
+    rows = -(-len(present) // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.3 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, metric in zip(axes, present, strict=False):
+        for beta, group in table.groupby(BETA):
+            ax.errorbar(
+                group[SEMANTIC_WEIGHT],
+                group[metric],
+                yerr=group[f"{metric} half_width"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=f"beta = {beta:g}",
+            )
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("semantic weight lambda")
+        ax.set_title(metric, fontsize=9)
+    for ax in axes[len(present) :]:
+        ax.set_axis_off()
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mean over seeds ± 95% t-interval", fontsize=9)
+    return _save(fig, path)
+
+
+def pareto_settings(
+    frame: pd.DataFrame,
+    path: str | Path,
+    x: str = "test/mse",
+    ys: Sequence[str] = ("test/gsv_norm_heldout", "test/gsv_norm_morpho"),
+) -> Path:
+    """One point per (beta, lambda) setting: its mean over seeds with 95% t-intervals on both axes, the settings
+    no other setting beats on both means ringed and joined; one panel per GSV judge. Lower is better on both."""
+    table = setting_table(frame, [x, *ys])
+    panels = [y for y in ys if y in table and x in table]
+    if not panels or len(table.dropna(subset=[x])) < 2:
+        raise FigureSkipped(f"fewer than 2 settings with {x} and any of {', '.join(ys)}")
+    fig = Figure(figsize=(5.4 * len(panels), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, y in zip(axes, panels, strict=True):
+        points = table.dropna(subset=[x, y])
+        front = points[pareto_mask(points, x, y)].sort_values(x)
+        for beta, group in points.groupby(BETA):
+            ax.errorbar(
+                group[x],
+                group[y],
+                xerr=group[f"{x} half_width"].fillna(0),
+                yerr=group[f"{y} half_width"].fillna(0),
+                fmt="o",
+                capsize=3,
+                label=f"beta = {beta:g}",
+            )
+        for _, row in points.iterrows():
+            ax.annotate(
+                f"λ={row[SEMANTIC_WEIGHT]:g}", (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+        ax.plot(front[x], front[y], color="black", lw=1, drawstyle="steps-post", zorder=1)
+        ax.scatter(front[x], front[y], s=160, facecolors="none", edgecolors="black", lw=1.2, label="Pareto-optimal")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.legend(fontsize=7)
+    fig.suptitle("settings: mean over seeds ± 95% t-interval (lower is better on both)", fontsize=9)
+    return _save(fig, path)
 
 
 def heatmaps(
@@ -66,9 +171,11 @@ def heatmaps(
     fig = Figure(figsize=(4.6 * len(grids), 3.8))
     axes = np.atleast_1d(fig.subplots(1, len(grids)))
     for ax, (metric, grid) in zip(axes, grids.items(), strict=True):
-        sns.heatmap(grid, annot=True, fmt=".3g", cmap="viridis", cbar_kws={"label": metric}, ax=ax)
+        half = interval_grid(frame.dropna(subset=[metric]), metric).reindex_like(grid)
+        labels = grid.map(lambda v: f"{v:.3g}") + half.map(lambda h: f"\n± {h:.2g}" if np.isfinite(h) else "")
+        sns.heatmap(grid, annot=labels, fmt="", cmap="viridis", cbar_kws={"label": metric}, ax=ax)
         ax.invert_yaxis()  # smallest beta at the bottom, as on a plot's y axis
-        ax.set_title(f"{metric} (mean over seeds)")
+        ax.set_title(f"{metric} (mean ± 95% t-interval over seeds)", fontsize=9)
         ax.set_xlabel("semantic weight")
         ax.set_ylabel("beta")
     return _save(fig, path)

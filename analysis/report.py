@@ -20,10 +20,17 @@ import pandas as pd
 
 from analysis import figures
 from analysis.collect import failed_runs, load_runs
-from analysis.tables import comparison_table, difference_table, to_markdown, to_markdown_by_metric, variant_rank
+from analysis.tables import (
+    choose_semantic_weight,
+    comparison_table,
+    difference_table,
+    to_markdown,
+    to_markdown_by_metric,
+    variant_rank,
+)
+from semvae.evaluation.report import markdown
 
-# Config keys that split the comparison when they take more than one value among the runs.
-# config keys that split runs into rows when they differ: the loss, the model, the data and how long and how it trained
+# Config keys that split runs into rows when they differ: the loss, the model, the data and how long and how it trained
 # (a 6-step smoke run is never averaged with a 50-epoch run)
 GROUP_CANDIDATES = (
     "loss.beta",
@@ -41,6 +48,8 @@ GROUP_CANDIDATES = (
 )
 FIGURES: dict[str, Callable[[pd.DataFrame, Path], Path]] = {
     "heatmaps": figures.heatmaps,
+    "lambda_trends": figures.lambda_trends,
+    "pareto_settings": figures.pareto_settings,
     "pareto_front": figures.pareto_front,
     "latent_norms": figures.latent_norm_distributions,
     "interpolations": figures.interpolations,
@@ -84,7 +93,7 @@ def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
 
 
 def _differences(
-    vaes: pd.DataFrame, by: list[str], baseline: str, confidence: float, markdown: Callable, out: Path
+    vaes: pd.DataFrame, by: list[str], baseline: str, confidence: float, render: Callable, out: Path
 ) -> list[str]:
     """The section of each variant minus ``baseline`` (``differences_from_<baseline>.csv`` beside it), when each
     variant is one group (its loss settings fixed, as in experiment=reproduce) and ``baseline`` is among them; a
@@ -101,9 +110,46 @@ def _differences(
         "",
         "An interval that leaves out 0 is a difference the seeds support; one that holds 0 is not.",
         "",
-        markdown(table).rstrip("\n"),
+        render(table).rstrip("\n"),
         "",
         f"As CSV: [{csv.name}]({csv.name})",
+    ]
+
+
+def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
+    """The semantic preset's lambda by the rule of ``choose_semantic_weight``, when the runs hold beta = 1 with
+    lambda = 0 and some lambda > 0 (a lambda sweep)."""
+    if "loss.beta" not in vaes or "loss.semantic_weight" not in vaes:
+        return []
+    at_one = vaes[pd.to_numeric(vaes["loss.beta"], errors="coerce") == 1]
+    weights = set(pd.to_numeric(at_one["loss.semantic_weight"], errors="coerce").dropna())
+    if 0 not in weights or len(weights) < 2 or "test/gsv_norm_heldout" not in at_one or "test/mse" not in at_one:
+        return []
+    chosen, table = choose_semantic_weight(at_one, confidence=confidence)
+    verdict = f"lambda = {chosen:g}" if chosen is not None else "none qualifies: keep lambda = 0 (no semantic term)"
+    rows = [
+        [
+            f"{weight:g}",
+            f"{row['test/mse']:.4g}",
+            f"{row['mse_excess']:+.2g} ± {row['mse_excess half_width']:.2g}",
+            f"{row['allowed_excess']:.2g}",
+            f"{row['test/gsv_norm_heldout']:.4g}",
+            "yes" if row["qualifies"] else "no",
+        ]
+        for weight, row in table.iterrows()
+    ]
+    header = ["lambda", "MSE", "MSE - MSE(lambda=0)", "allowed", "GSV norm (held-out)", "qualifies"]
+    return [
+        "",
+        "## The semantic preset's lambda (beta = 1)",
+        "",
+        "Rule, fixed before the sweep: the lowest mean held-out normalised GSV among the lambdas whose MSE excess over "
+        f"lambda = 0 stays, with {confidence:.0%} confidence (upper end of its Welch interval), within 10% of the "
+        "lambda = 0 MSE.",
+        "",
+        markdown(header, rows).rstrip("\n"),
+        "",
+        f"Chosen: {verdict}.",
     ]
 
 
@@ -143,11 +189,12 @@ def write_report(
         lines.append("No finished VAE run with metrics to compare.")
     else:
         table.to_csv(out / "comparison.csv")
-        markdown = to_markdown_by_metric if by_metric else to_markdown
-        lines += [markdown(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+        render = to_markdown_by_metric if by_metric else to_markdown
+        lines += [render(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
         for baseline in baselines:
-            lines += _differences(vaes, by, baseline, confidence, markdown, out)
+            lines += _differences(vaes, by, baseline, confidence, render, out)
 
+    lines += _preset_rule(vaes, confidence)
     lines += ["", "## Figures", ""]
     for name, draw in FIGURES.items():
         try:

@@ -195,3 +195,44 @@ def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
         groups.append((" ".join(str(v) for v in labels) + f" (n={n})", row, n))
     rows = [[metric] + [_cell(row, metric, n, digits) for _, row, n in groups] for metric in metrics]
     return markdown(["metric"] + [g[0] for g in groups], rows)
+
+
+def choose_semantic_weight(
+    frame: pd.DataFrame,
+    beta: float = 1.0,
+    gsv: str = "test/gsv_norm_heldout",
+    mse: str = "test/mse",
+    tolerance: float = 0.10,
+    confidence: float = 0.95,
+) -> tuple[float | None, pd.DataFrame]:
+    """The rule that picks the semantic preset's lambda, fixed before any sweep is read. Among the settings with
+    this ``beta`` and lambda > 0, a setting qualifies when its MSE is, with ``confidence``, at most ``tolerance``
+    above the lambda = 0 model's: the upper end of the Welch interval of (its MSE - the lambda = 0 MSE) is at most
+    ``tolerance`` x the lambda = 0 mean MSE. Of the qualifying settings, the lowest mean ``gsv`` wins.
+
+    Returns (lambda, or None when no setting qualifies; the table the rule read, one row per lambda > 0: means,
+    the MSE difference with its half-width, the allowed excess, whether it qualifies)."""
+    runs = frame[pd.to_numeric(frame["loss.beta"], errors="coerce") == beta]
+    weights = pd.to_numeric(runs["loss.semantic_weight"], errors="coerce")
+    base = pd.to_numeric(runs.loc[weights == 0, mse], errors="coerce").dropna()
+    if base.empty:
+        raise ValueError(f"no run with beta = {beta:g} and lambda = 0 to compare the MSE with")
+    rows = {}
+    for weight in sorted(weights[weights > 0].unique()):
+        group = runs[weights == weight]
+        values = pd.to_numeric(group[mse], errors="coerce").dropna()
+        difference, half = welch_interval(values, base, confidence)
+        allowed = tolerance * base.mean()
+        rows[float(weight)] = {
+            mse: values.mean(),
+            gsv: pd.to_numeric(group[gsv], errors="coerce").mean(),
+            f"{gsv} half_width": t_half_width(pd.to_numeric(group[gsv], errors="coerce"), confidence),
+            "mse_excess": difference,
+            "mse_excess half_width": half,
+            "allowed_excess": allowed,
+            "qualifies": bool(np.isfinite(half) and difference + half <= allowed),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "loss.semantic_weight"
+    qualified = table[table["qualifies"]] if not table.empty else table
+    return (float(qualified[gsv].idxmin()) if not qualified.empty else None), table

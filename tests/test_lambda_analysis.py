@@ -1,0 +1,76 @@
+"""What the lambda study's analysis draws from a sweep folder (fixture runs with known numbers): settings with
+their seed intervals, trends over lambda, the Pareto front of settings, and the rule that picks the semantic
+preset's lambda."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import figures
+from analysis.collect import collect_runs
+from analysis.report import write_report
+from analysis.tables import choose_semantic_weight
+from tests.conftest import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "runs"
+T_95_2DF = 4.302652729911275  # t_{0.975, 2}: three seeds a setting
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return collect_runs(FIXTURES)
+
+
+def test_each_setting_has_its_mean_and_seed_interval(runs):
+    table = figures.setting_table(runs, ["test/mse", "test/gsv_norm_heldout"])
+    assert list(zip(table["loss.beta"], table["loss.semantic_weight"], strict=True)) == [
+        (1.0, 0.0),
+        (1.0, 10.0),
+        (5.0, 0.0),
+        (5.0, 10.0),
+    ]
+    assert list(table["test/mse"]) == pytest.approx([0.011, 0.016, 0.051, 0.056])
+    assert list(table["test/mse n"]) == [3, 3, 3, 3]
+    # the fixtures' three seeds are mean - 0.001, mean, mean + 0.001: sd 0.001
+    assert table["test/mse half_width"].iloc[0] == pytest.approx(T_95_2DF * 0.001 / math.sqrt(3))
+
+
+def test_trends_need_two_lambdas_and_the_front_joins_the_settings_no_other_beats(runs, tmp_path):
+    assert figures.lambda_trends(runs, tmp_path / "trends.png").stat().st_size > 20_000
+    single = runs[runs["loss.semantic_weight"] == 0]
+    with pytest.raises(figures.FigureSkipped, match="a single semantic weight"):
+        figures.lambda_trends(single, tmp_path / "none.png")
+    table = figures.setting_table(runs, ["test/mse", "test/gsv_norm_heldout"])
+    front = table[figures.pareto_mask(table, "test/mse", "test/gsv_norm_heldout")]
+    # (beta 5, lambda 0) has a higher MSE and GSV than (beta 1, lambda 10): the only dominated setting
+    assert list(zip(front["loss.beta"], front["loss.semantic_weight"], strict=True)) == [(1, 0), (1, 10), (5, 10)]
+    assert figures.pareto_settings(runs, tmp_path / "front.png").stat().st_size > 20_000
+
+
+def test_the_preset_rule_takes_the_most_consistent_lambda_whose_mse_stays_within_ten_percent(runs):
+    chosen, table = choose_semantic_weight(runs)
+    assert chosen is None and not table.loc[10.0, "qualifies"]  # MSE 0.016 against 0.011: 45% worse
+    assert table.loc[10.0, "mse_excess"] == pytest.approx(0.005)
+    assert table.loc[10.0, "allowed_excess"] == pytest.approx(0.0011)
+    # three seeds per lambda, MSE spread 1% of its mean: lambda = 10 costs 1% MSE, lambda = 100 costs 20%
+    mse = {0.0: 0.0100, 10.0: 0.0101, 100.0: 0.0120}
+    gsv = {0.0: 0.50, 10.0: 0.40, 100.0: 0.20}
+    sweep = pd.DataFrame(
+        [
+            {"loss.beta": 1.0, "loss.semantic_weight": w, "test/mse": mse[w] + d, "test/gsv_norm_heldout": gsv[w]}
+            for w in mse
+            for d in (-0.0001, 0.0, 0.0001)
+        ]
+    )
+    chosen, table = choose_semantic_weight(sweep)
+    assert chosen == 10.0 and list(table["qualifies"]) == [True, False]
+    assert choose_semantic_weight(sweep, tolerance=0.25)[0] == 100.0  # a looser rule takes the more consistent one
+
+
+def test_the_report_states_the_rule_and_its_choice(tmp_path):
+    report = write_report(FIXTURES, tmp_path).read_text()
+    assert "## The semantic preset's lambda (beta = 1)" in report
+    assert "| 10 | 0.016 | +0.005 ± " in report and "Chosen: none qualifies" in report
+    for name in ("lambda_trends", "pareto_settings"):
+        assert f"![{name}]({name}.png)" in report

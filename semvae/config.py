@@ -185,6 +185,10 @@ class EvaluationConfig:
     morpho_points: int = 200  # starting points judged by the (slower, per-image) morphometrics
     n_random_directions: int = 64  # besides every latent axis +-e_j
     steps: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # a (direction, step) whose mean squared change of a judge's reading is below this fraction of that reading's
+    # spread over real images moves nothing: left out of the normalised GSV, counted in gsv_inactive_*. 0 keeps
+    # every cell, the definition of the README's Results (where a direction that changes nothing scores 0, the best)
+    change_floor: float = 0.0
     n_pairs: int = 8  # interpolation pairs
     interpolation_steps: int = 10
     traversal_range: float = 3.0  # traversals set each latent dim to values in [-range, range]
@@ -340,6 +344,7 @@ def validate(cfg: Config) -> Config:
     )
     _require(e.n_random_directions >= 0, "evaluation.n_random_directions", "must be >= 0", e.n_random_directions)
     _require(len(e.steps) >= 1 and all(v > 0 for v in e.steps), "evaluation.steps", "needs values > 0", e.steps)
+    _require(0 <= e.change_floor < 1, "evaluation.change_floor", "must be in [0, 1)", e.change_floor)
     _require(e.n_pairs >= 1, "evaluation.n_pairs", "must be >= 1", e.n_pairs)
     _require(e.interpolation_steps >= 2, "evaluation.interpolation_steps", "must be >= 2", e.interpolation_steps)
     _require(e.traversal_steps >= 2, "evaluation.traversal_steps", "must be >= 2", e.traversal_steps)

@@ -144,3 +144,36 @@ def test_gsv_is_the_same_with_channels_last_models():
     fast = gsv()
     assert torch.allclose(plain["raw"], fast["raw"], rtol=1e-3, atol=1e-9)
     assert torch.allclose(plain["norm"], fast["norm"], rtol=1e-3, atol=1e-6)
+
+
+def test_a_decoder_that_ignores_z_scores_nothing_under_a_change_floor():
+    """A decoder whose output does not depend on z changes no reading: with eps alone its normalised GSV is 0, the
+    best score; with a change floor every cell is inactive and the GSV is undefined (NaN), not best."""
+    judge = torch.nn.Linear(784, 5)
+    features = lambda images: judge(images.flatten(1))  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    template = torch.rand(1, 1, 28, 28, generator=g)
+    ignoring = lambda codes: template.expand(len(codes), 1, 28, 28)  # noqa: E731
+    linear = torch.randn(3, 784, generator=g)
+    moving = lambda codes: torch.sigmoid(codes @ linear).reshape(-1, 1, 28, 28)  # noqa: E731
+    z, d = torch.randn(50, 3, generator=g), ev.evaluation_directions(3, 4, seed=1)
+    images = torch.rand(200, 1, 28, 28, generator=g)
+    spread = ev.reading_spread(features, images)
+    assert spread == pytest.approx(features(images).double().var(0, unbiased=False).sum().item(), rel=1e-6)
+    floor = {"j": 1e-6 * spread}
+
+    with torch.no_grad():
+        plain = ev.global_semantic_variance(ignoring, {"j": features}, z, d, [1.0])["j"]
+        floored = ev.global_semantic_variance(ignoring, {"j": features}, z, d, [1.0], floor=floor)["j"]
+        real = ev.global_semantic_variance(moving, {"j": features}, z, d, [1.0])["j"]
+        real_floored = ev.global_semantic_variance(moving, {"j": features}, z, d, [1.0], floor=floor)["j"]
+    assert plain["change"].abs().max() == 0 and ev.mean_and_se(plain["norm"])[0] == 0.0  # wins without a floor
+    assert floored["norm"].isnan().all() and math.isnan(ev.mean_and_se(floored["norm"])[0])
+    assert not real_floored["norm"].isnan().any() and torch.equal(real["norm"], real_floored["norm"])
+    assert 0 < ev.mean_and_se(real["norm"])[0] < 1
+
+
+def test_mean_and_se_leave_out_undefined_cells():
+    mean, se = ev.mean_and_se(torch.tensor([1.0, float("nan"), 3.0]))
+    assert mean == 2.0 and se == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    assert all(math.isnan(v) for v in ev.mean_and_se(torch.tensor([float("nan")])))

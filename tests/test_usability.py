@@ -84,3 +84,11 @@ def test_a_smoke_run_is_never_averaged_with_a_full_run(tmp_path):
     assert "trainer.limit_train_batches" in keys
     table = comparison_table(runs, by=keys, metrics=["test/mse"])
     assert len(table) == 2 and list(table[("test/mse", "n")]) == [1, 1]
+
+
+def test_a_change_floor_outside_zero_to_one_is_refused_by_name():
+    from semvae.config import ConfigError
+
+    assert compose_config("evaluation.change_floor=1e-6").evaluation.change_floor == 1e-6
+    with pytest.raises(ConfigError, match=r"evaluation.change_floor=1.5: must be in \[0, 1\)"):
+        compose_config("evaluation.change_floor=1.5")

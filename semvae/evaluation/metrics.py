@@ -57,10 +57,21 @@ def negative_elbo(vae: ResNetVAE, images: Tensor, seed: int = 0, batch_size: int
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:
-    """Mean and its standard error (std / sqrt(n)) of a 1-d tensor."""
+    """Mean and its standard error (std / sqrt(n)) of the finite values of a tensor; NaN for none."""
     values = values.double().flatten()
+    values = values[values.isfinite()]
+    if len(values) == 0:
+        return float("nan"), float("nan")
     se = values.std(unbiased=True).item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
     return values.mean().item(), se
+
+
+@torch.no_grad()
+def reading_spread(judge: Judge, images: Tensor, batch_size: int = 1000) -> float:
+    """How much a judge's reading varies over real images: sum_f Var_i judge(x_i) (population variance). The scale
+    against which a latent shift's change of the reading counts as none (``global_semantic_variance``'s floor)."""
+    features = torch.cat([judge(images[s]) for s in _batches(len(images), batch_size)]).double()
+    return features.var(dim=0, unbiased=False).sum().item()
 
 
 def evaluation_directions(latent_dim: int, n_random: int = 64, seed: int = 0) -> Tensor:
@@ -80,6 +91,7 @@ def global_semantic_variance(
     batch_size: int = 2000,
     eps: float = 1e-8,
     progress: str | None = None,
+    floor: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """GSV of docs/METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
 
@@ -89,7 +101,9 @@ def global_semantic_variance(
     and the normalised value sum_f Var_i / (sum_f mean_i Delta^2 + eps) (population variance, in [0, 1]); and
     "change", the normalised form's denominator sum_f mean_i Delta^2 (how much the judge's reading moves).
     Shifted codes are decoded and judged in chunks of ``batch_size`` images, all judges on the same images.
-    ``progress``, when given, labels a progress bar over the shifts.
+    ``floor`` (per judge): a (step, direction) whose change is below it does not move the reading, so its
+    consistency is undefined: its normalised value is NaN (left out of means, counted as inactive) instead of the
+    0 that eps would give it, the best score, earned by doing nothing. ``progress`` labels a progress bar.
     Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``.
     """
     n, latent_dim = z.shape
@@ -113,8 +127,12 @@ def global_semantic_variance(
             feats = torch.cat([judge(images[c]) for c in _batches(len(images), batch_size)])
             delta = feats.reshape(k, n, -1) - base[name].unsqueeze(0)  # (k, N, F)
             raw[name].append(semantic_variance_per_direction(delta, normalize=False))
-            norm[name].append(semantic_variance_per_direction(delta, normalize=True, eps=eps))
-            change[name].append(mean_squared_change(delta))
+            moved = mean_squared_change(delta)
+            ratio = semantic_variance_per_direction(delta, normalize=True, eps=eps)
+            if floor is not None and name in floor:
+                ratio = torch.where(moved < floor[name], torch.full_like(ratio, float("nan")), ratio)
+            norm[name].append(ratio)
+            change[name].append(moved)
     bar.close()
     n_steps = len(steps)
     forms = {"raw": raw, "norm": norm, "change": change}

@@ -73,6 +73,7 @@ def evaluate_model(
     interpolation_steps: int,
     traversal_values: Tensor,
     batch_size: int,
+    change_floor: float = 0.0,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
     """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split)."""
     started = time.perf_counter()
@@ -110,8 +111,14 @@ def evaluate_model(
         ", ".join(classifiers) or "-",
         f"; morpho on {min(morpho_points, len(z))} points" if judges.morpho else "",
     )
+    # a shift that moves a judge's reading by less than change_floor x its spread over real images moves nothing
+    spread = {name: ev.reading_spread(judge, selection.starts, batch_size) for name, judge in classifiers.items()}
+    if judges.morpho:  # standardised over the test set: the spread of the test images' readings
+        standard = morpho.standardize(factors, judges.morpho_mean, judges.morpho_std)[0]
+        spread["morpho"] = standard.double().var(dim=0, unbiased=False).sum().item()
+    floor = {name: change_floor * value for name, value in spread.items()}
     gsv = ev.global_semantic_variance(
-        decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})"
+        decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})", floor=floor
     )
     if judges.morpho:
         gsv |= ev.global_semantic_variance(
@@ -122,12 +129,15 @@ def evaluate_model(
             steps,
             batch_size,
             progress="GSV (morpho)",
+            floor=floor,
         )
     for judge, values in gsv.items():
+        metrics[f"reading_spread_{judge}"] = spread[judge]
+        metrics[f"gsv_inactive_{judge}"] = values["norm"].isnan().double().mean().item()
         for form in ("raw", "norm", "change"):
             metrics[f"gsv_{form}_{judge}"], metrics[f"gsv_{form}_{judge}_se"] = ev.mean_and_se(values[form])
             for step, row in zip(steps, values[form], strict=True):
-                metrics[f"gsv_{form}_{judge}_step{step:g}"] = row.mean().item()
+                metrics[f"gsv_{form}_{judge}_step{step:g}"] = ev.mean_and_se(row)[0]
 
     with torch.no_grad():
         images = {
@@ -202,4 +212,5 @@ class EvaluationBench:
             interpolation_steps=e.interpolation_steps,
             traversal_values=torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps),
             batch_size=e.batch_size,
+            change_floor=e.change_floor,
         )

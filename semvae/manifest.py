@@ -65,11 +65,19 @@ def entry(path: Path, test: Split) -> dict[str, Any]:
 
 
 def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
+    """Write ``manifest.json`` for every ``*.pth`` below ``weights_dir``. A file whose SHA-256 is the one recorded
+    keeps its entry as it was (its check value is the one measured when it was added); new or changed files are
+    measured now."""
     weights_dir = Path(weights_dir)
+    path = weights_dir / "manifest.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
     test = load_split("mnist", data_root, train=False, download=False)
     test = test.subset(torch.arange(SLICE))
-    manifest = {p.relative_to(weights_dir).as_posix(): entry(p, test) for p in sorted(weights_dir.rglob("*.pth"))}
-    path = weights_dir / "manifest.json"
+    manifest = {}
+    for file in sorted(weights_dir.rglob("*.pth")):
+        name = file.relative_to(weights_dir).as_posix()
+        kept = recorded.get(name)
+        manifest[name] = kept if kept is not None and kept.get("sha256") == sha256(file) else entry(file, test)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from semvae import checkpoints
 from semvae.data import load_split
 from semvae.manifest import check_value, sha256
 from tests.conftest import DATA_DIR, ROOT
@@ -29,7 +30,11 @@ def test_shipped_weights_reproduce_their_recorded_check(name):
     assert value == pytest.approx(record["check"]["value"], abs=1e-5)
     if "epoch" in name:  # a file name that says epochN holds a model trained for N epochs
         assert re.search(r"_epoch(\d+)\.pth$", name).group(1) == str(record["epochs"])
-    if name.startswith("seeds/"):  # seeds/NAME_seedS_epochN.pth holds seed S; the seed-0 models are at the top
-        assert re.search(r"_seed(\d+)_", name).group(1) == str(record["seed"])
-    elif record["kind"] == "vae":
-        assert record["seed"] == 0
+    seed = re.search(r"_seed(\d+)_", name)
+    if seed:  # seeds/NAME_seedS_epochN.pth, lambda/NAME_seedS_epochN.pth hold seed S
+        assert seed.group(1) == str(record["seed"])
+    else:  # the models at the top are seed 0
+        assert record["kind"] != "vae" or record["seed"] == 0
+    if name.startswith("lambda/"):  # the lambda study's models: lambda in the name is the one they trained with
+        lam = float(re.search(r"-l(\d+(?:\.\d+)?)_", name).group(1))
+        assert checkpoints.load(ROOT / "weights" / name)["config"]["loss"]["semantic_weight"] == lam

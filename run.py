@@ -154,12 +154,16 @@ def preflight(args: list[str]) -> str | None:
     if any(a.startswith("-") for a in args):
         return None
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
             cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
-    except Exception:  # noqa: BLE001 - Hydra reports it again, in its own words
+    except (MissingConfigException, ConfigCompositionException) as error:  # an unknown option or a wrong type
+        print(f"error: {composition_error(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception:  # noqa: BLE001 - anything else is Hydra's to report, in its own words
         return None
     with open_dict(cfg):
         del cfg["hydra"]
@@ -173,6 +177,23 @@ def preflight(args: list[str]) -> str | None:
     return run_dir
 
 
+def composition_error(error: Exception) -> str:
+    """Hydra's multi-line composition error as one line: ``variant=semantik: no such option; available: beta,
+    semantic, vae`` or ``loss.beta=abc: Value 'abc' of type 'str' could not be converted to Float``."""
+    text = str(error)
+    missing = re.search(r"Could not (?:find|load) '([^']+)'", text)
+    if missing:
+        group, _, option = missing.group(1).rpartition("/")
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        listed = f"; available: {', '.join(options)}" if options else ""
+        return f"{group}={option}: no such option{listed}" if group else text.splitlines()[0]
+    override = re.search(r"Error merging override (\S+)", text)
+    cause = str(error.__cause__ or "").strip().splitlines()
+    if override and cause:
+        return f"{override.group(1)}: {cause[0]}"
+    return text.strip().splitlines()[0]
+
+
 def check_override_keys(args: list[str]) -> None:
     """Reject a misspelt key before Hydra starts, listing the keys allowed where it went wrong."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -183,7 +204,7 @@ def check_override_keys(args: list[str]) -> None:
     except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report
         return
     for override in overrides:
-        if override.is_add() or override.is_delete() or override.package is not None:
+        if override.is_delete() or override.package is not None:
             continue
         message = unknown_key_message(override.key_or_group, groups)
         if message is not None:

@@ -1,10 +1,12 @@
-"""The notebooks of ``analysis/`` (jupytext percent-format ``.py`` files): what they read, and a command that
-executes one with what the install provides (jupytext, nbclient, ipykernel; no nbconvert needed):
+"""Execute a notebook of analysis/ (a jupytext percent-format .py file) and write it with its outputs.
+
+It needs only what the install provides (jupytext, nbclient, ipykernel; no nbconvert):
 
     python -m analysis.notebooks compare_models                    # runs under outputs/
     python -m analysis.notebooks sweep_report --runs outputs/multirun/2026-11-29/10-00-00_ab12cd
 
-The executed notebook, outputs included, goes to ``outputs/analysis/NAME.ipynb`` (``--out``), its figures beside it.
+The executed notebook, outputs included, goes to ``outputs/analysis/NAME.ipynb`` (``--out``), its figures beside it;
+a notebook that fails goes to ``NAME.failed.ipynb`` beside it, so the last good one stays.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ def execute(name: str, runs: str | None = None, out: Path | None = None, timeout
     client = nbclient.NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         client.execute()
-    finally:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        jupytext.write(notebook, out, fmt="ipynb")
+    except Exception:
+        jupytext.write(notebook, out.with_suffix(".failed.ipynb"), fmt="ipynb")  # the last good notebook stays
+        raise
+    jupytext.write(notebook, out, fmt="ipynb")
     return out
 
 

@@ -1,7 +1,7 @@
 """One report over a folder of runs: ``report.md`` (counts, comparison table, figures) plus the table as CSV and
 the figures as PNG.
 
-    python -m analysis.report outputs/multirun/2026-11-25/12-00-00            # writes into that folder
+    python -m analysis.report outputs/multirun/2026-11-25/12-00-00            # writes into its report/ folder
     python -m analysis.report outputs --out reports/all                       # every run below outputs/
     python -m analysis.report wandb:ENTITY/PROJECT --out reports/wandb         # the runs of a W&B project
     python -m analysis.report outputs/reproduce/evaluation --by-metric        # the models of an evaluation
@@ -161,7 +161,8 @@ def write_report(
     baselines: Sequence[str] | None = None,
 ) -> Path:
     """Write ``report.md``, ``comparison.csv`` and the figures' PNGs for the runs of ``source`` (a folder, or
-    ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder); return the report's path. ``by_metric`` writes
+    ``wandb:ENTITY/PROJECT``) into ``out`` (default: the folder's ``report/``, so that an evaluation's own
+    ``comparison.csv`` and figures are never overwritten); return the report's path. ``by_metric`` writes
     the table with one row per metric and one column per group (few groups, many metrics). When the runs differ
     only in variant and seed, the report adds each variant minus each of ``baselines`` (default: vae, when there
     is one) as ``differences_from_<baseline>.csv``; a baseline given that names no variant of the runs raises
@@ -170,7 +171,7 @@ def write_report(
     local = not source.startswith("wandb:")
     if out is None and not local:
         raise ValueError("a W&B source needs an output folder")
-    out = Path(out if out is not None else source)
+    out = Path(out if out is not None else Path(source) / "report")
     runs = load_runs(source, include_unfinished=True)
     failed = failed_runs(source) if local else pd.DataFrame(columns=["run_dir", "error"])
     vaes = runs[(runs["status"] == "finished") & (runs["variant"] != "classifier")]
@@ -213,7 +214,7 @@ def write_report(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write report.md, comparison.csv and figures for a folder of runs.")
     parser.add_argument("path", help="a run, a sweep folder, outputs/, or wandb:ENTITY/PROJECT")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH; needed for W&B)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH/report; needed for W&B)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the t-intervals (default: 0.95)")
     parser.add_argument("--by-metric", action="store_true", help="one table row per metric, a column per group")
     parser.add_argument(

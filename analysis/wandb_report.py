@@ -65,10 +65,9 @@ def build(folder: str | Path, entity: str | None = None, project: str | None = N
 
     runset = wr.Runset(entity=entity, project=project, name=folder.name, filters=expr.And(expr.Metric("ID").isin(ids)))
     columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(key)) for key in ("loss.beta", "loss.semantic_weight")]
-    columns += [
-        wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(key))
-        for key in ["test/mse"] + [f"test/gsv_norm_{j}" for j in judges]
-    ]
+    outcomes = [key for key in ["test/mse"] + [f"test/gsv_norm_{j}" for j in judges] if key in vaes]
+    outcomes = outcomes or ["val/mse", "val/neg_elbo"]  # runs trained without task.evaluate=true
+    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(key)) for key in outcomes]
     panels: list[Any] = [wr.ParallelCoordinatesPlot(columns=columns, layout=wr.Layout(w=24, h=8))]
     panels += [
         wr.ScatterPlot(
@@ -78,7 +77,8 @@ def build(folder: str | Path, entity: str | None = None, project: str | None = N
         )
         for judge in judges
     ]
-    panels.append(wr.MediaBrowser(title="interpolations", media_keys=["test/interpolations"], num_columns=3))
+    if "interpolations" in vaes and vaes["interpolations"].notna().any():  # jobs evaluated with task.evaluate=true
+        panels.append(wr.MediaBrowser(title="interpolations", media_keys=["test/interpolations"], num_columns=3))
     evaluations = [r for r in logged if r.get("job_type") == "evaluate"]
     if evaluations:  # task=evaluate runs log their rows as a W&B table named "comparison"
         panels.append(wr.WeavePanelSummaryTable(table_name="comparison", layout=wr.Layout(w=24, h=10)))
@@ -152,14 +152,25 @@ def main(argv: list[str] | None = None) -> None:
         if args.save and entity is None and not any(r.get("entity") for r in wandb_runs(args.folder)):
             import wandb
 
-            entity = wandb.Api().default_entity
+            try:
+                entity = wandb.Api().default_entity
+            except Exception as error:  # noqa: BLE001 - not logged in
+                print(f"error: W&B: {error}; `wandb login` first, or pass --entity", file=sys.stderr)
+                raise SystemExit(1) from None
         report = build(args.folder, entity=entity, project=args.project, title=args.title)
     except (NothingToReport, RunFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(outline(report))
     if args.save:
-        report.save(draft=args.draft)
+        try:
+            report.save(draft=args.draft)
+        except Exception as error:  # noqa: BLE001 - no key, no network, no such entity: W&B's message, one line
+            print(
+                f"error: W&B did not save the report ({type(error).__name__}: {error}); `wandb login` first",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         print(f"saved: {report.url}")
     else:
         print("not saved: pass --save (with a W&B account) to create it")

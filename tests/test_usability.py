@@ -92,3 +92,47 @@ def test_a_change_floor_outside_zero_to_one_is_refused_by_name():
     assert compose_config("evaluation.change_floor=1e-6").evaluation.change_floor == 1e-6
     with pytest.raises(ConfigError, match=r"evaluation.change_floor=1.5: must be in \[0, 1\)"):
         compose_config("evaluation.change_floor=1.5")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("variant=semantik", "variant=semantik: no such option; available: beta, semantic, vae"),
+        ("task=evalute", "task=evalute: no such option; available: evaluate, reproduce, train_classifier, train_vae"),
+        ("loss.beta=abc", "loss.beta=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        ("logger.mode=onlin", "logger.mode=onlin: Invalid value 'onlin', expected one of [offline, online, disabled]"),
+    ],
+)
+def test_a_config_that_does_not_compose_is_one_line_naming_the_override(override, message):
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    from run import composition_error
+
+    with pytest.raises((ConfigCompositionException, MissingConfigException)) as info:
+        compose_config(override)
+    assert composition_error(info.value) == message
+
+
+@pytest.mark.parametrize("override", ["+trainer.epoch=3", "+foo=1"])
+def test_an_added_key_must_exist_too(override, capsys):
+    from run import check_override_keys
+
+    with pytest.raises(SystemExit) as info:
+        check_override_keys([override])
+    assert info.value.code == 2 and "unknown config key" in capsys.readouterr().err
+    check_override_keys(["+experiment=reproduce", "hydra.run.dir=x"])  # adding a group option is fine
+
+
+def test_a_failed_notebook_keeps_the_last_good_one(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    from analysis.notebooks import execute
+
+    good = tmp_path / "sweep_report.ipynb"
+    good.write_text("the last good notebook")
+    monkeypatch.setenv("SEMVAE_RUNS", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CellExecutionError, match="NoRuns"):
+        execute("sweep_report", out=good, timeout=120)
+    assert good.read_text() == "the last good notebook"
+    assert "no finished VAE runs" in (tmp_path / "sweep_report.failed.ipynb").read_text()

@@ -35,7 +35,7 @@ def test_the_report_compares_the_folder_s_runs_and_only_them(logged_runs):
     assert (runset.entity, runset.project) == ("me", "semvae-test")
     assert runset.filters == "Metric(\"ID\") in ['id0', 'id1', 'id6', 'id7']"  # run 8 was never on W&B
     kinds = [type(p).__name__ for p in grid.panels]
-    assert kinds == ["ParallelCoordinatesPlot", "ScatterPlot", "ScatterPlot", "ScatterPlot", "MediaBrowser"]
+    assert kinds == ["ParallelCoordinatesPlot", "ScatterPlot", "ScatterPlot", "ScatterPlot"]  # no grids to show
     columns = [c.metric.name for c in grid.panels[0].columns]
     assert columns == [
         "loss.beta",
@@ -49,7 +49,6 @@ def test_the_report_compares_the_folder_s_runs_and_only_them(logged_runs):
     assert [(p.x.name, p.y.name) for p in grid.panels[1:4]] == [
         ("test/mse", f"test/gsv_norm_{judge}") for judge in ("train", "heldout", "morpho")
     ]
-    assert grid.panels[4].media_keys == ["test/interpolations"]
     table = next(b.text for b in report.blocks if type(b).__name__ == "MarkdownBlock" and b.text.startswith("|"))
     assert table.splitlines()[0].startswith("| variant | loss.beta | n | test/mse |")
     assert [line.split(" | ")[:3] for line in table.splitlines()[2:]] == [["| vae", "1.0", "2"], ["| beta", "5.0", "2"]]
@@ -106,13 +105,7 @@ def test_save_sends_the_report_spec_to_wandb(logged_runs, monkeypatch, capsys):
     (upsert,) = [v for op, v in FakeApi.calls if "upsert" in op.lower()]
     assert (upsert["entityName"], upsert["projectName"], upsert["displayName"]) == ("me", "semvae-test", "my sweep")
     spec = json.loads(upsert["spec"])
-    assert view_types(spec) == [
-        "Parallel Coordinates Plot",
-        "Scatter Plot",
-        "Scatter Plot",
-        "Scatter Plot",
-        "Media Browser",
-    ]
+    assert view_types(spec) == ["Parallel Coordinates Plot", "Scatter Plot", "Scatter Plot", "Scatter Plot"]
     text = json.dumps(spec)
     assert '"id0"' in text and '"id8"' not in text and "test/gsv_norm_heldout" in text
     assert "saved: https://wandb.example/me/semvae-test/reports/my-sweep--report1" in capsys.readouterr().out
@@ -145,3 +138,24 @@ def test_a_run_dir_names_its_wandb_run_and_a_resumed_run_continues_it(tmp_path, 
     segments = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(p.name.endswith(f"-{run_id}") for p in segments)  # one W&B run, two segments
     assert (tmp_path / "wandb" / "latest-run").resolve() == segments[-1].resolve()
+
+
+def test_save_without_a_wandb_account_is_one_line(logged_runs, monkeypatch, capsys):
+    import wandb
+
+    class NotLoggedIn(FakeApi):
+        def projects(self, entity):
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "Api", NotLoggedIn)
+    with pytest.raises(SystemExit) as info:
+        main([str(logged_runs), "--save", "--entity", "me"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: W&B did not save the report (UsageError: No API key configured")
+
+
+def test_jobs_evaluated_after_training_get_their_interpolation_grids_in_the_report(logged_runs):
+    (logged_runs / "0" / "interpolations.png").write_bytes(b"png")  # what task.evaluate=true writes
+    grid = next(b for b in build(logged_runs, entity="me").blocks if type(b).__name__ == "PanelGrid")
+    assert [p.media_keys for p in grid.panels if type(p).__name__ == "MediaBrowser"] == [["test/interpolations"]]

@@ -77,6 +77,11 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
     """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split)."""
     started = time.perf_counter()
+    log.info(
+        "reconstruction, ELBO and latent statistics%s on %d test images",
+        " and MIG, DCI" if factors is not None else "",
+        len(test_images),
+    )
     vae.eval().to(memory_format=torch.channels_last)  # NHWC convolutions run about 1.7x faster on a CPU
     metrics: dict[str, Any] = {}
     mu = ev.latent_means(vae, test_images, batch_size)
@@ -192,6 +197,7 @@ class EvaluationBench:
     def measure_factors(self) -> EvaluationBench:
         """The morphometrics of the test images (seconds to minutes; a stop signal is honoured between chunks)."""
         if self.judges.morpho and self.factors is None:
+            log.info("measuring the morphometrics of %d test images (once for every model)", len(self.test))
             self.factors = morpho.measure(self.test.images.cpu())
             _, self.judges.morpho_mean, self.judges.morpho_std = morpho.standardize(self.factors)
         return self

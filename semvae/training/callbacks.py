@@ -97,7 +97,13 @@ class ProgressBar(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         s = trainer.settings
-        self.bar = tqdm(total=s.epochs * trainer.n_batches, initial=trainer.step, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=s.epochs * trainer.n_batches,
+            initial=trainer.step,
+            desc=f"epoch {trainer.epoch + 1}/{s.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def on_step(self, trainer: Trainer) -> None:
         if self.bar is not None:

@@ -245,7 +245,7 @@ def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
-    """The interpolation grids of one model per variant (its lowest seed) stacked, one panel per variant: every
+    """The interpolation grids of one model per loss setting (its lowest seed) stacked, one panel each: every
     model of an evaluation folder is drawn on the same test pairs, so the panels compare row by row."""
     if "interpolations" not in frame:
         raise FigureSkipped("no model has an interpolation grid (written by task=evaluate)")
@@ -253,8 +253,10 @@ def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
     if runs.empty:
         raise FigureSkipped("no model has an interpolation grid (written by task=evaluate)")
     runs = runs.sort_values("seed") if "seed" in runs else runs
-    chosen = runs.groupby("variant", sort=False).head(1)
-    chosen = chosen.set_index("variant").loc[_hue_order(chosen["variant"])]
+    keys = ["variant"] + [k for k in (BETA, SEMANTIC_WEIGHT) if k in runs]  # one grid per loss setting
+    chosen = runs.groupby(keys, sort=False, dropna=False).head(1)
+    order = {v: i for i, v in enumerate(_hue_order(chosen["variant"]))}
+    chosen = chosen.sort_values(keys, key=lambda c: c.map(order) if c.name == "variant" else c).set_index("variant")
     import matplotlib.image
 
     grids = [matplotlib.image.imread(p) for p in chosen["interpolations"]]
@@ -265,6 +267,9 @@ def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
         ax.imshow(grid, cmap="gray", interpolation="nearest")
         label = run.get("model") if isinstance(run.get("model"), str) else variant
         seed = f", seed {int(run['seed'])}" if "seed" in run and pd.notna(run["seed"]) else ""
-        ax.set_title(f"{variant}: {label}{seed}", fontsize=9)
+        weights = (
+            f" (beta {run[BETA]:g}, lambda {run[SEMANTIC_WEIGHT]:g})" if BETA in run and SEMANTIC_WEIGHT in run else ""
+        )
+        ax.set_title(f"{variant}{weights}: {label}{seed}", fontsize=9)
         ax.set_axis_off()
     return _save(fig, path)

@@ -126,7 +126,12 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
     if 0 not in weights or len(weights) < 2 or "test/gsv_norm_heldout" not in at_one or "test/mse" not in at_one:
         return []
     chosen, table = choose_semantic_weight(at_one, confidence=confidence)
-    verdict = f"lambda = {chosen:g}" if chosen is not None else "none qualifies: keep lambda = 0 (no semantic term)"
+    if chosen is not None:
+        verdict = f"lambda = {chosen:g}"
+    elif table["qualifies"].isna().any():
+        verdict = "undecided: the rule needs at least two seeds of lambda = 0 and of every lambda"
+    else:
+        verdict = "none qualifies: keep lambda = 0 (no semantic term)"
     rows = [
         [
             f"{weight:g}",
@@ -134,7 +139,7 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
             f"{row['mse_excess']:+.2g} ± {row['mse_excess half_width']:.2g}",
             f"{row['allowed_excess']:.2g}",
             f"{row['test/gsv_norm_heldout']:.4g}",
-            "yes" if row["qualifies"] else "no",
+            {True: "yes", False: "no"}.get(row["qualifies"], "needs 2+ seeds"),
         ]
         for weight, row in table.iterrows()
     ]

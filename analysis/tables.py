@@ -25,6 +25,9 @@ DEFAULT_METRICS = (
     "test/gsv_norm_train",
     "test/gsv_norm_heldout",
     "test/gsv_norm_morpho",
+    "test/gsv_change_train",
+    "test/gsv_change_heldout",
+    "test/gsv_change_morpho",
     "test/gsv_raw_train",
     "test/gsv_raw_heldout",
     "test/gsv_raw_morpho",
@@ -211,7 +214,8 @@ def choose_semantic_weight(
     ``tolerance`` x the lambda = 0 mean MSE. Of the qualifying settings, the lowest mean ``gsv`` wins.
 
     Returns (lambda, or None when no setting qualifies; the table the rule read, one row per lambda > 0: means,
-    the MSE difference with its half-width, the allowed excess, whether it qualifies)."""
+    the MSE difference with its half-width, the allowed excess, whether it qualifies: None where a side has one
+    seed, so that no interval can be formed)."""
     runs = frame[pd.to_numeric(frame["loss.beta"], errors="coerce") == beta]
     weights = pd.to_numeric(runs["loss.semantic_weight"], errors="coerce")
     base = pd.to_numeric(runs.loc[weights == 0, mse], errors="coerce").dropna()
@@ -230,9 +234,9 @@ def choose_semantic_weight(
             "mse_excess": difference,
             "mse_excess half_width": half,
             "allowed_excess": allowed,
-            "qualifies": bool(np.isfinite(half) and difference + half <= allowed),
+            "qualifies": bool(difference + half <= allowed) if np.isfinite(half) else None,  # None: one seed
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "loss.semantic_weight"
-    qualified = table[table["qualifies"]] if not table.empty else table
+    qualified = table[table["qualifies"] == True] if not table.empty else table  # noqa: E712 - None is not True
     return (float(qualified[gsv].idxmin()) if not qualified.empty else None), table

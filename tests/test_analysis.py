@@ -371,7 +371,7 @@ def test_report_on_a_mix_skips_what_it_cannot_draw(tmp_path):
     assert "- finished runs: 3 (vae: 2, classifier: 1)" in report
     assert "- unfinished runs (left out): 1 (stopped)" in report
     assert f"| vae | 2 | 0.03 ± {stats.t.ppf(0.975, 1) * np.std([0.02, 0.04], ddof=1) / math.sqrt(2):.2g} |" in report
-    assert report.count("Skipped: ") == 4  # heatmaps, Pareto front, latent norms, interpolations
+    assert report.count("Skipped: ") == 6  # heatmaps, lambda trends, both Pareto fronts, latent norms, interpolations
     assert not list((tmp_path / "report").glob("*.png"))
 
 

@@ -74,3 +74,14 @@ def test_the_report_states_the_rule_and_its_choice(tmp_path):
     assert "| 10 | 0.016 | +0.005 ± " in report and "Chosen: none qualifies" in report
     for name in ("lambda_trends", "pareto_settings"):
         assert f"![{name}]({name}.png)" in report
+
+
+def test_one_seed_a_lambda_leaves_the_preset_undecided(runs, tmp_path):
+    one_seed = runs[runs["seed"] == 0]
+    chosen, table = choose_semantic_weight(one_seed)
+    assert chosen is None and table["qualifies"].isna().all()  # no interval from one seed
+    one_seed_dir = tmp_path / "runs"
+    for run in ("0", "3"):  # seed 0 of lambda = 0 and lambda = 10
+        __import__("shutil").copytree(FIXTURES / run, one_seed_dir / run)
+    report = write_report(one_seed_dir, tmp_path / "report").read_text()
+    assert "needs 2+ seeds" in report and "Chosen: undecided" in report

@@ -132,11 +132,11 @@ def test_optuna_multi_objective_search_returns_the_pareto_set(tmp_path, weights_
         assert 0.5 <= solution["params"]["loss.beta"] <= 8.0
 
 
-def test_the_beta_semantic_study_is_a_36_job_grid_that_evaluates():
+def test_the_beta_semantic_study_is_a_45_job_grid_that_evaluates():
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=sweep_beta_semantic"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     sizes = [len(str(params[key]).split(",")) for key in ("loss.beta", "loss.semantic_weight", "seed")]
-    assert sizes == [3, 4, 3] and "0" in str(params["loss.semantic_weight"]).split(",")
+    assert sizes == [3, 5, 3] and str(params["loss.semantic_weight"]).split(",") == ["0", "1", "10", "100", "1000"]
     assert cfg.task.evaluate is True and cfg.logger.group == "sweep_beta_semantic"

@@ -1,14 +1,29 @@
-"""Shared test helpers: where MNIST is, and running the real entry point ``run.py`` in a subprocess."""
+"""Shared test helpers. The suite has three tiers, as lightning-hydra-template has:
+
+1. unit tests of functions on tiny tensors (most of test_losses, test_models, test_morpho, test_evaluate, ...);
+2. integration tests in this process: the config composed with Hydra's compose API (``compose_config``), the task
+   function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
+   (``run_in_process``: its ``main`` without Hydra's process; ``preflight``: its checks before Hydra starts);
+3. command-line tests that start ``run.py`` (``run_py``) where the process is the point: signals, launchers and
+   multiruns, a refusal before Hydra writes anything. They are marked ``slow``: ``python -m pytest -m "not slow"``
+   runs tiers 1 and 2 only.
+
+Every test starts with Hydra uninitialised and leaves torch's global settings as it found them (``_global_state``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SEMVAE_ROOT", str(ROOT))  # as run.py sets it, for configs composed in-process
@@ -27,19 +42,128 @@ DATA_DIR = find_data_dir()
 os.environ.setdefault("SEMVAE_DATA_DIR", str(DATA_DIR))  # for configs composed in-process
 
 
+def _register() -> None:
+    from semvae import rundir
+    from semvae.config import register_configs
+
+    register_configs()
+    rundir.register_resolver()
+
+
 def compose_config(*overrides: str):
     """The typed, validated config that ``python run.py OVERRIDES`` runs with, composed in-process with Hydra's
     compose API (for tests that call a task function directly instead of starting run.py)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from semvae import rundir
-    from semvae.config import register_configs, validate
+    from semvae.config import validate
 
-    register_configs()
-    rundir.register_resolver()
+    _register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
+
+
+@contextlib.contextmanager
+def hydra_app(*overrides: str, run_dir: str | Path | None = None):
+    """run.py's Hydra app in this process: the config of ``python run.py OVERRIDES``, ``HydraConfig`` set as Hydra
+    sets it for a run (mode RUN, ``run_dir`` or ``hydra.run.dir`` as the output dir) and Hydra initialised for the
+    block (task=reproduce composes its stages' configs). Yields the config without its ``hydra`` node, as Hydra
+    passes it to ``main``, and the run dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    _register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        output_dir = Path(run_dir if run_dir is not None else cfg.hydra.run.dir)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.RUN
+            cfg.hydra.runtime.output_dir = str(output_dir)
+        HydraConfig.instance().set_config(cfg)
+        task_cfg = cfg.copy()
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        try:
+            yield task_cfg, output_dir
+        finally:
+            HydraConfig.instance().cfg = None
+
+
+@dataclass
+class Ended:
+    """How run.py's code ended, in-process: its exit status (0 when it returned) and what it printed to stderr."""
+
+    returncode: int
+    stderr: str
+    result: object = None
+
+
+def _ended(call) -> Ended:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            result = call()
+        except SystemExit as exit_:
+            return Ended(exit_.code, err.getvalue())
+    return Ended(0, err.getvalue(), result)
+
+
+def run_in_process(*overrides: str, run_dir: str | Path | None = None) -> Ended:
+    """``python run.py OVERRIDES`` once Hydra has started, in this process: run.py's ``main`` (the run dir's lock,
+    the stop flag, the checks, the task, and the mapping of errors to an exit status and a one-line message)."""
+    import run
+
+    with hydra_app(*overrides, run_dir=run_dir) as (cfg, _):
+        return _ended(lambda: run.main.__wrapped__(cfg))
+
+
+def preflight(*overrides: str) -> Ended:
+    """run.py's checks before Hydra starts (``check_override_keys``, then ``preflight``), in this process. A run they
+    let through has its run dir locked by ``preflight``; the lock is released here."""
+    import run
+    from semvae import rundir
+
+    args = list(overrides)
+    ended = _ended(lambda: (run.check_override_keys(args), run.preflight(args))[1])
+    if ended.result is not None:
+        rundir.release(ended.result)
+    return ended
+
+
+@contextlib.contextmanager
+def torch_settings():
+    """torch's threads, TF32 flags and default dtype restored after the block (a task sets them through
+    semvae.runtime)."""
+    saved = (
+        torch.get_num_threads(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.get_default_dtype(),
+    )
+    try:
+        yield
+    finally:
+        threads, cudnn_tf32, matmul_tf32, dtype = saved
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _global_state():
+    """Each test starts with Hydra uninitialised and leaves it so, and leaves torch's global settings as it found
+    them."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with torch_settings():
+        yield
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
 
 
 def train_loop(run_dir: Path, model, train, val, step_fn, eval_fn, *, resume=None, stop=None, tracker=None, **settings):
@@ -59,7 +183,8 @@ def train_loop(run_dir: Path, model, train, val, step_fn, eval_fn, *, resume=Non
 
 
 def run_py(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    """``python run.py OVERRIDES`` with the test data and no W&B network, as a user would type it."""
+    """``python run.py OVERRIDES`` in a process of its own, with the test data and no W&B network, as a user would
+    type it (tier 3: for tests whose point is the process)."""
     env = os.environ | {
         "SEMVAE_DATA_DIR": str(DATA_DIR),
         "WANDB_ERROR_REPORTING": "false",
@@ -88,16 +213,40 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    """W&B in this process as run_py sets it up: offline, no API key, no error reports."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def wandb_inspect(run_dir: Path) -> dict:
+    """Read an offline W&B run back the way a user would: ``wandb leet inspect --summary --json`` on the run dir's
+    one offline run."""
+    (wandb_run,) = (Path(run_dir) / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("run-*.wandb")), "no W&B transaction log"
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout)
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
-    """A weights folder holding a smoke-trained classifier (seconds), for the semantic variant's tests."""
+    """A weights folder holding a smoke-trained classifier (seconds, in this process), for the semantic variant's
+    tests."""
+    from semvae.tasks.train_classifier import train_classifier
+
     weights = tmp_path_factory.mktemp("weights")
     run_dir = tmp_path_factory.mktemp("classifier_run")
-    run_py(
-        "task=train_classifier",
-        "trainer=smoke",
-        "logger=none",
-        f"paths.weights_dir={weights}",
-        f"hydra.run.dir={run_dir}",
-    )
+    with torch_settings():
+        train_classifier(
+            compose_config("task=train_classifier", "trainer=smoke", "logger=none", f"paths.weights_dir={weights}"),
+            run_dir,
+        )
     return weights

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -338,16 +337,13 @@ def test_figures_say_why_they_cannot_be_drawn(sweep, tmp_path):
 # --- report and notebooks -------------------------------------------------------------------------------------------
 
 
-def test_report_command_writes_markdown_table_and_figures(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "analysis.report", "tests/fixtures/runs", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+def test_report_command_writes_markdown_table_and_figures(tmp_path, monkeypatch, capsys):
+    from analysis.report import main
+
+    monkeypatch.chdir(ROOT)
+    main(["tests/fixtures/runs", "--out", str(tmp_path)])  # python -m analysis.report tests/fixtures/runs --out ...
     report = (tmp_path / "report.md").read_text()
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")  # it names what it wrote
     assert "`tests/fixtures/runs`" in report
     assert "- finished runs: 12" in report and "- failed jobs (error.txt): 1" in report
     assert "- seeds: 3 (0, 1, 2)" in report
@@ -356,7 +352,8 @@ def test_report_command_writes_markdown_table_and_figures(tmp_path):
     for name in ("heatmaps", "pareto_front", "latent_norms"):
         assert f"![{name}]({name}.png)" in report
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
-    assert (tmp_path / "comparison.csv").exists()
+    table = pd.read_csv(tmp_path / "comparison.csv", header=[0, 1], index_col=[0, 1, 2])
+    assert table.loc[("vae", 1.0, 0.0), ("test/mse", "mean")] == pytest.approx(0.011)
     assert "non-finite loss" in report
 
 

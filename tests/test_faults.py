@@ -1,8 +1,12 @@
 """Faults injected into real runs: kill -9, preemption signals, incompatible or damaged checkpoints, a diverging loss,
-W&B failing to start. Nothing may be lost, and a resumed run must end where an uninterrupted one does."""
+W&B failing to start. Nothing may be lost, and a resumed run must end where an uninterrupted one does.
+
+The signals and the locks of concurrent runs need run.py's own process (marked slow); the rest runs run.py's code in
+this process: its checks before Hydra starts (``preflight``) or its ``main`` (``run_in_process``)."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,11 +22,27 @@ from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
 from semvae.stopping import StopFlag, StopRequested
 from semvae.tracking import Tracker
-from tests.conftest import DATA_DIR, ROOT, read_summary, run_py, train_loop
+from tests.conftest import (
+    DATA_DIR,
+    ROOT,
+    preflight,
+    read_summary,
+    run_in_process,
+    run_py,
+    torch_settings,
+    train_loop,
+    wandb_inspect,
+)
 from tests.test_nothing_lost import Payload
 
-# long enough to be interrupted: 2 epochs of 24 batches, a checkpoint every 3 steps
-LONG = ["trainer=smoke", "trainer.limit_train_batches=24", "trainer.checkpoint_every=3", "logger=none"]
+# long enough to be interrupted: 2 epochs of 32 batches of a small model, a checkpoint every 3 steps
+LONG = [
+    "trainer=smoke",
+    "model.widths=[8,8,16]",
+    "trainer.limit_train_batches=32",
+    "trainer.checkpoint_every=3",
+    "logger=none",
+]
 
 
 def _start(run_dir, *extra):
@@ -50,8 +70,11 @@ def _wait_for_mid_epoch_checkpoint(proc, run_dir, timeout=120):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """LONG run from start to end without a stop, in this process."""
     run_dir = tmp_path_factory.mktemp("straight")
-    run_py(*LONG, f"hydra.run.dir={run_dir}")
+    with torch_settings():
+        ended = run_in_process(*LONG, run_dir=run_dir)
+    assert ended.returncode == 0, ended.stderr
     return run_dir
 
 
@@ -60,6 +83,7 @@ def _same_model(a, b):
     return all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
@@ -67,9 +91,10 @@ def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, 
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = checkpoints.load(run_dir / "last.pt")
-    assert killed_at["position"] > 0 and killed_at["step"] < 48
+    assert killed_at["position"] > 0 and killed_at["step"] < 64
     (run_dir / ".last.pt.left-by-kill.tmp").write_bytes(b"partial")  # as a kill during a save leaves it
-    run_py(*LONG, f"hydra.run.dir={run_dir}")  # the same command, the same run dir
+    again = run_in_process(*LONG, f"hydra.run.dir={run_dir}")  # the same command: the lock is free, the run goes on
+    assert again.returncode == 0, again.stderr
     assert not list(run_dir.glob(".*.tmp"))
     assert read_summary(run_dir)["train_seconds"] > killed_at["seconds"]  # both segments count
     assert _same_model(run_dir, uninterrupted)
@@ -78,6 +103,7 @@ def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, 
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 2  # no step twice (but each epoch's record)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])  # Ctrl-C; SLURM's notice
 def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
@@ -87,13 +113,14 @@ def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, unint
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert f"{signal.Signals(sig).name} received: checkpoint saved at step" in stderr
-    assert f"to continue: python run.py {' '.join(LONG)} hydra.run.dir={run_dir}\n" in stderr
+    assert f"to continue: python run.py {shlex.join(LONG)} hydra.run.dir={run_dir}\n" in stderr
     assert "Traceback" not in stderr
     summary = read_summary(run_dir)
     state = checkpoints.load(run_dir / "last.pt")
     assert summary["status"] == "stopped" and summary["stopped_at_step"] == state["step"]
     if sig == signal.SIGINT:  # continued elsewhere from that checkpoint, it ends where an uninterrupted run does
-        run_py(*LONG, f"trainer.resume={run_dir / 'last.pt'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+        resumed = run_in_process(*LONG, f"trainer.resume={run_dir / 'last.pt'}", run_dir=tmp_path / "resumed")
+        assert resumed.returncode == 0, resumed.stderr
         assert _same_model(tmp_path / "resumed", uninterrupted)
 
 
@@ -141,6 +168,7 @@ def test_stop_flag_checkpoints_mid_epoch_and_resume_matches(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_refused_run_changes_nothing(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)  # a finished run of LONG
@@ -157,12 +185,13 @@ def test_a_crafted_checkpoint_is_refused_before_it_can_run_code(tmp_path):
     evil = tmp_path / "last.pt"
     torch.save({"model": {}, "optimizer": {}, "epoch": 0, "step": 0, "rng": {}, "x": Payload(marker)}, evil)
     run_dir = tmp_path / "run"
-    proc = run_py("trainer=smoke", "logger=none", f"trainer.resume={evil}", f"hydra.run.dir={run_dir}", check=False)
-    assert proc.returncode == 2 and f"error: refused to load {evil}" in proc.stderr
+    refused = preflight("trainer=smoke", "logger=none", f"trainer.resume={evil}", f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 2 and f"error: refused to load {evil}" in refused.stderr
     assert not marker.exists() and not run_dir.exists()
 
 
-def test_runs_started_together_get_their_own_folders_and_a_held_folder_is_refused(tmp_path):
+@pytest.mark.slow
+def test_runs_started_together_get_their_own_folders(tmp_path):
     out = tmp_path / "out"
     args = ["trainer=smoke", "trainer.epochs=1", "trainer.limit_train_batches=2", "logger=none"]
     args.append(f"paths.output_dir={out}")
@@ -174,13 +203,29 @@ def test_runs_started_together_get_their_own_folders_and_a_held_folder_is_refuse
         seed = json.loads((run / "config.json").read_text())["seed"]
         assert checkpoints.load(run / "model.pth")["config"]["seed"] == seed
         assert checkpoints.load(run / "last.pt")["config"]["seed"] == seed
-    held = rundir.hold(tmp_path / "held")  # this test process holds it
+
+
+def test_a_folder_held_by_another_run_is_refused_before_anything_is_written(tmp_path):
+    held = tmp_path / "held"
+    holder = subprocess.Popen(  # another process holds the folder, as a running run.py does
+        [
+            sys.executable,
+            "-c",
+            "import sys; from semvae import rundir; rundir.hold(sys.argv[1]); print(); input()",
+            held,
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = run_py("trainer=smoke", "logger=none", f"hydra.run.dir={held}", check=False)
+        assert holder.stdout.readline() == "\n"  # it holds the lock now
+        refused = preflight("trainer=smoke", "logger=none", f"hydra.run.dir={held}")
     finally:
-        rundir.release(held)
-    assert proc.returncode == 2
-    assert f"error: {held} is in use by another run (pid {os.getpid()} on" in proc.stderr
+        holder.communicate("\n", timeout=60)
+    assert refused.returncode == 2
+    assert f"error: {held} is in use by another run (pid {holder.pid} on" in refused.stderr
     assert sorted(p.name for p in held.iterdir()) == [".lock"]
 
 
@@ -213,56 +258,57 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tiny_disk):
     filler = tiny_disk / "filler"
     filler.write_bytes(b"\0" * (2 * 1024 * 1024 - 400 * 1024))  # leaves less than a checkpoint (1 MB)
     run_dir = tiny_disk / "run"
-    proc = run_py("trainer=smoke", "logger=none", f"hydra.run.dir={run_dir}", check=False)
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    ended = run_in_process("trainer=smoke", "logger=none", run_dir=run_dir)  # an exception would fail the test here
+    assert ended.returncode == 1, ended.stderr
+    last = ended.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: [Errno 28] cannot write {run_dir}/last.pt: No space left on device"), last
-    assert "Traceback" not in proc.stderr and not list(run_dir.glob(".*.tmp"))
+    assert not list(run_dir.glob(".*.tmp"))
 
 
 def test_damaged_checkpoint_is_named_and_nothing_runs(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80\x02 not a checkpoint")
-    proc = run_py("trainer=smoke", "logger=none", f"trainer.resume={bad}", f"hydra.run.dir={tmp_path}/run", check=False)
-    assert proc.returncode == 2 and f"cannot read checkpoint {bad}" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "last.pt").exists()
+    refused = preflight("trainer=smoke", "logger=none", f"trainer.resume={bad}", f"hydra.run.dir={tmp_path}/run")
+    assert refused.returncode == 2 and f"cannot read checkpoint {bad}" in refused.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_infinite_learning_rate_stops_the_run_and_writes_no_non_finite_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_py(
+    ended = run_in_process(
         "trainer=smoke",
         "logger=none",
         "trainer.lr=inf",
         "trainer.checkpoint_every=1",
         "trainer.log_every=1",
         "trainer.limit_train_batches=20",
-        f"hydra.run.dir={run_dir}",
-        check=False,
+        run_dir=run_dir,
     )
-    assert proc.returncode == 1
-    assert "error: non-finite weights after step 1 (epoch 1); not saved" in proc.stderr
+    assert ended.returncode == 1
+    assert "error: non-finite weights after step 1 (epoch 1); not saved" in ended.stderr
     assert not (run_dir / "last.pt").exists() and not (run_dir / "model.pth").exists()
+
+
+def _logs_offline(tracker: Tracker, run_dir) -> None:
+    """The tracker W&B fell back to offline logs there: its run, read back from its files, holds what was logged."""
+    try:
+        assert tracker.mode == "offline" and tracker.run is not None
+        tracker.log({"loss": 0.25}, step=1)
+    finally:
+        tracker.finish()
+    logged = wandb_inspect(run_dir)
+    assert logged["state"] == "finished" and logged["config"]["a"] == 1 and logged["summary"]["loss"] == 0.25
 
 
 def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key, but no server answers here
-    tracker = Tracker(tmp_path / "run", {"a": 1}, mode="online", init_timeout=3)
-    try:
-        assert tracker.mode == "offline" and tracker.run is not None
-    finally:
-        tracker.finish()
+    _logs_offline(Tracker(tmp_path / "run", {"a": 1}, mode="online", init_timeout=3), tmp_path / "run")
     assert "W&B failed to start in online mode" in caplog.text
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_wandb_online_without_a_key_logs_offline_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc either
-    tracker = Tracker(tmp_path / "run", {"a": 1}, mode="online")
-    try:
-        assert tracker.mode == "offline" and tracker.run is not None
-    finally:
-        tracker.finish()
+    _logs_offline(Tracker(tmp_path / "run", {"a": 1}, mode="online"), tmp_path / "run")
     assert "no API key is configured; logging offline instead" in caplog.text

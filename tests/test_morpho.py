@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from skimage.morphology import medial_axis as skimage_medial_axis
+from torch.nn import functional as F
 
 from semvae.evaluation.morpho import MEASURES, measure, skeletons, standardize, upsample
 from tests.conftest import DATA_DIR
@@ -37,6 +38,14 @@ def stroke(
     else:
         inside = (across.abs() <= thickness / 2) & (along.abs() <= length / 2)
     return inside.double().view(28, 8, 28, 8).mean(dim=(1, 3)).float()
+
+
+def sheared(images: torch.Tensor, s: float) -> torch.Tensor:
+    """(N, 28, 28) images sheared horizontally about their centre, x -> x + s * (14 - y) (y down the rows), with
+    bilinear resampling."""
+    theta = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]).expand(len(images), 2, 3)  # output (x, y) reads (x + s y)
+    grid = F.affine_grid(theta, [len(images), 1, 28, 28], align_corners=False)
+    return F.grid_sample(images[:, None], grid, mode="bilinear", align_corners=False)[:, 0]
 
 
 def measured(*images: torch.Tensor) -> torch.Tensor:
@@ -159,7 +168,13 @@ def test_real_digits_have_plausible_measures(mnist_test):
     assert out.shape == (200, 6) and torch.isfinite(out).all()
     assert (out[:, AREA] > 0).all() and (out[:, LENGTH] > 0).all()
     assert ((out[:, THICKNESS] > 1) & (out[:, THICKNESS] < 6)).all()  # MNIST strokes are 1 to 6 px thick
-    assert (out[:, SLANT].abs() < math.pi / 2).all() and (out[:, HEIGHT] <= 28).all() and (out[:, WIDTH] <= 28).all()
+    assert (out[:, HEIGHT] <= 28).all() and (out[:, WIDTH] <= 28).all()
+    # slant on real digits: shearing by x -> x + s * (y_centre - y) adds s to tan(slant), whatever the digit's own
+    # slant, and with its sign (top to the right: positive); a mirror image has the opposite slant
+    for s in (0.3, -0.3):
+        change = torch.tan(measure(sheared(images, s)[:, None])[:, SLANT]) - torch.tan(out[:, SLANT])
+        torch.testing.assert_close(change, torch.full_like(change, s), atol=0.05, rtol=0)
+    torch.testing.assert_close(measure(images.flip(-1)[:, None])[:, SLANT], -out[:, SLANT], atol=1e-6, rtol=0)
     ones, zeros = out[labels == 1], out[labels == 0]
     assert len(ones) >= 10 and len(zeros) >= 10
     assert ones[:, WIDTH].mean() < 0.5 * zeros[:, WIDTH].mean()  # a "1" is a bar, a "0" a ring

@@ -1,57 +1,62 @@
-"""The real entry point, end to end, on smoke settings: each variant, the classifier, a sweep, W&B offline files."""
+"""The training tasks end to end on smoke settings: the classifier and each variant through run.py's ``main`` in this
+process with W&B offline (read back with ``wandb leet inspect``), overrides, seeds; and a multirun of run.py."""
 
 import json
-import subprocess
-import sys
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from semvae import checkpoints
+from semvae.data import load_split
 from semvae.tasks.train_vae import train_vae
-from tests.conftest import compose_config, read_metrics, read_summary, run_py
-
-
-def wandb_summary(run_dir):
-    """Read an offline W&B run back the way a user would: `wandb leet inspect --summary --json`."""
-    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-    assert list(wandb_run.glob("run-*.wandb")), "no W&B transaction log"
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout)
+from tests.conftest import (
+    DATA_DIR,
+    compose_config,
+    preflight,
+    read_metrics,
+    read_summary,
+    run_in_process,
+    run_py,
+    wandb_inspect,
+)
 
 
 def test_classifier_task_trains_and_exports(tmp_path, weights_dir):
     path = weights_dir / "classifier.pth"
-    state = checkpoints.load(path)
+    model, state = checkpoints.load_classifier(path)
     assert state["kind"] == "classifier" and state["architecture"]["widths"] == [16, 32, 64]
-    assert 0.0 <= state["test/accuracy"] <= 1.0 and state["n_val"] == 2_000 and state["n_train"] >= 21_797
+    assert state["n_val"] == 2_000 and state["n_train"] >= 21_797
     assert state["summary"]["epochs"] == 2 and state["config"]["task"]["name"] == "train_classifier"
+    # its test accuracy is what the exported model scores on the test batches smoke settings evaluate (2 x 32)
+    test = load_split("mnist", DATA_DIR, train=False, download=False)
+    with torch.no_grad():
+        correct = (model(test.images[:64]).argmax(1) == test.labels[:64]).float().mean().item()
+    assert state["test/accuracy"] == pytest.approx(correct, abs=1e-6)
     before = path.read_bytes()
-    proc = run_py(
+    refused = preflight(
         "task=train_classifier",
         "trainer=smoke",
         "logger=none",
         f"paths.weights_dir={weights_dir}",
         f"hydra.run.dir={tmp_path}/again",
-        check=False,
     )
-    assert proc.returncode == 2 and "exists; pass task.overwrite=true" in proc.stderr
+    assert refused.returncode == 2 and "exists; pass task.overwrite=true" in refused.stderr
     assert path.read_bytes() == before  # the existing classifier is untouched
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize(
     ("variant", "beta", "weight", "job_type"),
     [("vae", 1.0, 0.0, "vae"), ("beta", 5.0, 0.0, "beta"), ("semantic", 1.0, 10.0, "semantic")],
 )
-def test_each_variant_trains_end_to_end_with_wandb_offline(tmp_path, weights_dir, variant, beta, weight, job_type):
+def test_each_variant_trains_end_to_end_with_wandb_offline(
+    tmp_path, weights_dir, wandb_offline, variant, beta, weight, job_type
+):
     run_dir = tmp_path / "run"
-    run_py(f"variant={variant}", "trainer=smoke", f"paths.weights_dir={weights_dir}", f"hydra.run.dir={run_dir}")
+    ended = run_in_process(f"variant={variant}", "trainer=smoke", f"paths.weights_dir={weights_dir}", run_dir=run_dir)
+    assert ended.returncode == 0, ended.stderr
 
     summary = read_summary(run_dir)
     assert summary["variant"] == job_type and summary["epochs"] == 2 and summary["steps"] == 6
@@ -74,7 +79,7 @@ def test_each_variant_trains_end_to_end_with_wandb_offline(tmp_path, weights_dir
     last = checkpoints.load(run_dir / "last.pt")
     assert last["epoch"] == 2 and last["config"]["loss"]["beta"] == beta and "rng" in last
 
-    logged = wandb_summary(run_dir)
+    logged = wandb_inspect(run_dir)
     assert (
         logged["state"] == "finished"
         and logged["name"] == {"vae": "VAE", "beta": "b5-VAE", "semantic": "semanticVAE"}[variant]
@@ -82,10 +87,27 @@ def test_each_variant_trains_end_to_end_with_wandb_offline(tmp_path, weights_dir
     assert logged["config"]["loss"]["semantic_weight"] == weight
     assert logged["summary"]["val/loss"] == pytest.approx(summary["val/loss"], rel=1e-6)
     assert {f"train/{k}" for k in expected_terms} <= set(logged["summary"])
-    assert logged["summary"]["images/reconstructions"]["_type"] == "image-file"
+    image = logged["summary"]["images/reconstructions"]
+    assert image["_type"] == "image-file" and (image["width"], image["height"]) == (242, 32)  # 4 pairs, a row of 8
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-    assert (wandb_run / "files" / "media" / "images").is_dir()
-    assert any((wandb_run).rglob("*.wandb"))
+    with PIL.Image.open(wandb_run / "files" / image["path"]) as grid:  # the file the summary names is that grid
+        assert grid.size == (242, 32)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Tracker.log_images hands wandb.Image floats in [0, 1] where it expects [0, 255]: W&B's grids are black",
+)
+def test_images_logged_to_wandb_are_the_grids_saved_beside_them(tmp_path, wandb_offline):
+    from semvae.tracking import Tracker
+
+    batch = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    tracker = Tracker(tmp_path, {}, mode="offline")
+    tracker.log_images({"images/samples": batch}, step=1)
+    tracker.finish()
+    (logged,) = (tmp_path / "wandb").glob("offline-run-*/files/media/images/images/samples_*.png")
+    with PIL.Image.open(tmp_path / "images_samples.png") as saved, PIL.Image.open(logged) as sent:
+        assert np.array_equal(np.asarray(sent.convert("L")), np.asarray(saved.convert("L")))
 
 
 def test_overrides_reach_the_model_and_the_data(tmp_path):
@@ -105,12 +127,16 @@ def test_same_seed_same_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_by_two_multirun(tmp_path, weights_dir):
     sweep = tmp_path / "sweep"
     run_py(
         "-m",
         "loss.beta=1,5",
         "loss.semantic_weight=0,1",
+        "loss.semantic.n_directions=1",  # a small model, and the semantic jobs' loss from 1 direction at 4 points
+        "loss.semantic.n_points=4",
+        "model.widths=[8,8,16]",
         "trainer=smoke",
         "trainer.epochs=1",
         f"paths.weights_dir={weights_dir}",
@@ -118,13 +144,14 @@ def test_two_by_two_multirun(tmp_path, weights_dir):
     )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 4
-    seen = {}
+    seen, run_ids = {}, set()
     for job in jobs:
         summary = read_summary(job)
         config = checkpoints.load(job / "model.pth")["config"]["loss"]
         seen[(config["beta"], config["semantic_weight"])] = summary["variant"]
-        logged = wandb_summary(job)
+        logged = wandb_inspect(job)
         assert logged["config"]["loss"]["beta"] == config["beta"]  # each job logged into its own W&B run
         assert logged["state"] == "finished"
+        run_ids.add(logged["run_id"])
     assert seen == {(1.0, 0.0): "vae", (5.0, 0.0): "beta", (1.0, 1.0): "semantic", (5.0, 1.0): "beta-semantic"}
-    assert len({wandb_summary(job)["run_id"] for job in jobs}) == 4
+    assert len(run_ids) == 4

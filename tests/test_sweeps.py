@@ -1,5 +1,5 @@
-"""Sweeps through Hydra's launcher and sweeper plugins: the local launcher (a process per job), submitit's local
-executor, Optuna."""
+"""Sweeps through Hydra's launcher and sweeper plugins, each a run.py process: the local launcher (a process per job),
+submitit's local executor, Optuna."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import datetime
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -18,13 +19,16 @@ from semvae.config import register_configs
 from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
 
 TINY = ["trainer=smoke", "trainer.epochs=1", "logger=none"]
+# a semantic job's loss from 1 direction at 4 starting points instead of 4 at 32: what a sweep does with it is the same
+CHEAP_SEMANTIC = ["loss.semantic.n_directions=1", "loss.semantic.n_points=4"]
 TINY_EVAL = [
+    "evaluation.steps=[1.0]",
     "evaluation.limit_test=100",
     "evaluation.n_points=10",
     "evaluation.morpho_points=4",
     "evaluation.n_random_directions=1",
     "evaluation.n_pairs=2",
-    "evaluation.judges=[train]",
+    "evaluation.judges=[train,morpho]",
 ]
 
 
@@ -38,6 +42,7 @@ def _span(job):
     return datetime.fromisoformat(stamps[0].replace(",", ".")), datetime.fromisoformat(stamps[-1].replace(",", "."))
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_path):
     sweep = tmp_path / "sweep"
     run_py("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
@@ -51,6 +56,7 @@ def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_p
     assert start1 < end0 and start0 < end1  # they overlapped
 
 
+@pytest.mark.slow
 def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_hold(tmp_path, weights_dir):
     sweep, weights = tmp_path / "sweep", tmp_path / "weights"
     weights.mkdir()  # no classifier yet: the semantic job fails
@@ -60,6 +66,7 @@ def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_h
         *TINY,
         "trainer.limit_train_batches=20",
         "loss.semantic_weight=0,1",
+        *CHEAP_SEMANTIC,
         f"paths.weights_dir={weights}",
         f"hydra.sweep.dir={sweep}",
     ]
@@ -91,6 +98,7 @@ def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_h
     assert not list(sweep.glob("*/error.txt")) and not (sweep / "failures.json").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_folder_in_use_is_refused_before_anything_is_written(tmp_path):
     held = rundir.hold(tmp_path / "sweep")  # as a running sweep holds it
     try:
@@ -101,6 +109,7 @@ def test_a_sweep_folder_in_use_is_refused_before_anything_is_written(tmp_path):
     assert sorted(p.name for p in held.iterdir()) == [".lock"]
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     run_py("-m", "hydra/launcher=submitit_local", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
@@ -108,12 +117,15 @@ def test_submitit_local_executor_runs_a_sweep(tmp_path):
     assert (sweep / ".submitit").is_dir()
 
 
+@pytest.mark.slow
 def test_optuna_multi_objective_search_returns_the_pareto_set(tmp_path, weights_dir):
     sweep = tmp_path / "sweep"
     run_py(
         "-m",
         "experiment=pareto_optuna",
         *TINY,
+        "model.widths=[8,8,16]",
+        *CHEAP_SEMANTIC,
         *TINY_EVAL,
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=1",

@@ -48,7 +48,8 @@ def test_checkpoint_holds_what_resuming_needs(tmp_path):
     assert {"model", "optimizer", "epoch", "step", "rng", "history", "best_epoch"} <= set(state)
     assert state["epoch"] == 2 and state["step"] == 2 * (96 // 16)
     assert [h["epoch"] for h in state["history"]] == [1, 2]
-    assert (tmp_path / "best.pt").exists()
+    best = min(state["history"], key=lambda h: h["val/loss"])["epoch"]  # the epoch of the lowest validation loss
+    assert state["best_epoch"] == best and checkpoints.load(tmp_path / "best.pt")["epoch"] == best
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 3 + 2  # 6 steps a epoch logged every 2 steps, plus one record per epoch
 

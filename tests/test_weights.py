@@ -19,12 +19,17 @@ def test_every_shipped_file_is_in_the_manifest():
     assert sorted(p.relative_to(weights).as_posix() for p in weights.rglob("*.pth")) == sorted(MANIFEST)
 
 
+@pytest.fixture(scope="module")
+def mnist_test():
+    return load_split("mnist", DATA_DIR, train=False, download=False)
+
+
 @pytest.mark.parametrize("name", sorted(MANIFEST))
-def test_shipped_weights_reproduce_their_recorded_check(name):
+def test_shipped_weights_reproduce_their_recorded_check(name, mnist_test):
     record, path = MANIFEST[name], ROOT / "weights" / name
     assert sha256(path) == record["sha256"]
     start, stop = record["check"]["test_slice"]
-    test = load_split("mnist", DATA_DIR, train=False, download=False).subset(torch.arange(start, stop))
+    test = mnist_test.subset(torch.arange(start, stop))
     metric, value = check_value(path, test)
     assert metric == record["check"]["metric"]
     assert value == pytest.approx(record["check"]["value"], abs=1e-5)

@@ -48,7 +48,6 @@ import math
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -280,6 +279,8 @@ def medial_axis(mask: np.ndarray, seed: int = SKELETON_SEED) -> tuple[np.ndarray
         from skimage.morphology import medial_axis as skimage_medial_axis
 
         return skimage_medial_axis(mask, return_distance=True, rng=seed)
+    from scipy import ndimage as ndi  # here, not at the top: run.py imports this module for every task
+
     keep_table, corner_table, table_index, skeletonize_loop = tables
     mask = np.ascontiguousarray(mask, dtype=bool)
     distance = ndi.distance_transform_edt(mask)
@@ -314,6 +315,8 @@ def _keeps_centre(index: int) -> bool:
     """Whether the medial axis keeps the centre of neighbourhood ``index`` (bit k set where pixel k, row-major, is
     foreground; bit 4 is the centre): if it is foreground and removing it would change the number of 8-connected
     components, or if it has fewer than two foreground neighbours."""
+    from scipy import ndimage as ndi
+
     if not index & 16:
         return False
     eight = ndi.generate_binary_structure(2, 2)

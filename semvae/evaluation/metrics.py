@@ -21,7 +21,8 @@ from semvae.models import ResNetVAE, reparameterize
 Judge = Callable[[Tensor], Tensor]  # images (B, 1, 28, 28) in [0, 1] -> features (B, F)
 
 
-def _batches(n: int, batch_size: int):
+def batches(n: int, batch_size: int):
+    """Slices of at most ``batch_size`` covering range(n): the chunks every metric computes in."""
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
 
@@ -29,13 +30,13 @@ def _batches(n: int, batch_size: int):
 @torch.no_grad()
 def latent_means(vae: ResNetVAE, images: Tensor, batch_size: int = 1000) -> Tensor:
     """Posterior means mu(x), (N, L)."""
-    return torch.cat([vae.encode(images[s])[0] for s in _batches(len(images), batch_size)])
+    return torch.cat([vae.encode(images[s])[0] for s in batches(len(images), batch_size)])
 
 
 @torch.no_grad()
 def decode_images(vae: ResNetVAE, z: Tensor, batch_size: int = 1000) -> Tensor:
     """sigmoid(G(z)), (N, 1, 28, 28)."""
-    return torch.cat([torch.sigmoid(vae.decode(z[s])) for s in _batches(len(z), batch_size)])
+    return torch.cat([torch.sigmoid(vae.decode(z[s])) for s in batches(len(z), batch_size)])
 
 
 def squared_errors(recon: Tensor, images: Tensor) -> Tensor:
@@ -48,7 +49,7 @@ def negative_elbo(vae: ResNetVAE, images: Tensor, seed: int = 0, batch_size: int
     """Per-image negative ELBO (nats) with one posterior sample drawn from a seeded generator, (N,)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for s in _batches(len(images), batch_size):
+    for s in batches(len(images), batch_size):
         x = images[s]
         mu, logvar = vae.encode(x)
         z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=g).to(mu.device))
@@ -70,7 +71,7 @@ def mean_and_se(values: Tensor) -> tuple[float, float]:
 def reading_spread(judge: Judge, images: Tensor, batch_size: int = 1000) -> float:
     """How much a judge's reading varies over real images: sum_f Var_i judge(x_i) (population variance). The scale
     against which a latent shift's change of the reading counts as none (``global_semantic_variance``'s floor)."""
-    features = torch.cat([judge(images[s]) for s in _batches(len(images), batch_size)]).double()
+    features = torch.cat([judge(images[s]) for s in batches(len(images), batch_size)]).double()
     return features.var(dim=0, unbiased=False).sum().item()
 
 
@@ -107,8 +108,8 @@ def global_semantic_variance(
     Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``.
     """
     n, latent_dim = z.shape
-    base_images = torch.cat([decode(z[s]) for s in _batches(n, batch_size)])
-    base = {name: torch.cat([judge(base_images[s]) for s in _batches(n, batch_size)]) for name, judge in judges.items()}
+    base_images = torch.cat([decode(z[s]) for s in batches(n, batch_size)])
+    base = {name: torch.cat([judge(base_images[s]) for s in batches(n, batch_size)]) for name, judge in judges.items()}
     shifts = torch.cat([step * directions for step in steps])  # (S*D, L)
     per_chunk = max(1, batch_size // n)  # shifts whose N images go through the decoder together
     raw = {name: [] for name in judges}
@@ -117,14 +118,14 @@ def global_semantic_variance(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(shifts), desc=progress, unit="shift", leave=False, disable=progress is None)
-    for s in _batches(len(shifts), per_chunk):
+    for s in batches(len(shifts), per_chunk):
         bar.update(s.stop - s.start)
         stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
         k = s.stop - s.start
         codes = (z.unsqueeze(0) + shifts[s].unsqueeze(1)).reshape(k * n, latent_dim)
-        images = torch.cat([decode(codes[c]) for c in _batches(len(codes), batch_size)])
+        images = torch.cat([decode(codes[c]) for c in batches(len(codes), batch_size)])
         for name, judge in judges.items():
-            feats = torch.cat([judge(images[c]) for c in _batches(len(images), batch_size)])
+            feats = torch.cat([judge(images[c]) for c in batches(len(images), batch_size)])
             delta = feats.reshape(k, n, -1) - base[name].unsqueeze(0)  # (k, N, F)
             raw[name].append(semantic_variance_per_direction(delta, normalize=False))
             moved = mean_squared_change(delta)

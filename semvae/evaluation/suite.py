@@ -96,7 +96,7 @@ def evaluate_model(
     if "train" in judges.classifiers:
         with torch.no_grad():
             predicted = torch.cat(
-                [judges.classifiers["train"](recon[s]).argmax(1) for s in _chunks(len(recon), batch_size)]
+                [judges.classifiers["train"](recon[s]).argmax(1) for s in ev.batches(len(recon), batch_size)]
             )
         metrics["recon_accuracy"] = (predicted == test_labels).float().mean().item()
     if factors is not None:
@@ -151,11 +151,6 @@ def evaluate_model(
         }
     metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
     return metrics, images, norms.cpu()
-
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
 
 
 @dataclass

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from semvae.checkpoints import write_json_atomic, write_text_atomic
@@ -157,19 +158,27 @@ class Tracker:
         write_text_atomic("".join(line + "\n" for line in kept), self.metrics_path)
 
     def log_images(self, images: dict[str, Tensor], step: int, nrow: int = 8) -> None:
-        """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log it to W&B."""
-        from torchvision.utils import make_grid, save_image
+        """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log the same pixels to W&B (as 8-bit
+        values: ``wandb.Image`` reads a float array as 0-255, which would make [0, 1] images black)."""
+        from PIL import Image
+        from torchvision.utils import make_grid
 
-        grids = {
+        pixels = {
             key: make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+            .mul(255)
+            .add_(0.5)
+            .clamp_(0, 255)
+            .to(torch.uint8)
+            .permute(1, 2, 0)
+            .numpy()
             for key, batch in images.items()
         }
-        for key, grid in grids.items():
-            save_image(grid, self.run_dir / f"{key.replace('/', '_')}.png")
+        for key, grid in pixels.items():
+            Image.fromarray(grid).save(self.run_dir / f"{key.replace('/', '_')}.png")
         if self.run is not None:
             import wandb
 
-            logged = lambda: self.run.log({k: wandb.Image(g) for k, g in grids.items()}, step=step)  # noqa: E731
+            logged = lambda: self.run.log({k: wandb.Image(g) for k, g in pixels.items()}, step=step)  # noqa: E731
             self._wandb("logging images", logged)
 
     def log_table(self, key: str, frame) -> None:

@@ -39,6 +39,20 @@ def find_data_dir() -> Path:
 
 
 DATA_DIR = find_data_dir()
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n``) each worker, and the processes its tests start, get the worker's share of the
+    cores for torch, so that two workers on two cores run two threads, not four. An OMP_NUM_THREADS set by the user
+    rules instead."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if workers.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+_share_cores_between_workers()
 os.environ.setdefault("SEMVAE_DATA_DIR", str(DATA_DIR))  # for configs composed in-process
 
 

@@ -42,6 +42,7 @@ LONG = [
     "trainer.limit_train_batches=32",
     "trainer.checkpoint_every=3",
     "logger=none",
+    "runtime.num_threads=1",  # a run in a process and one in this process compare bit for bit: same threads
 ]
 
 

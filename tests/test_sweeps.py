@@ -112,7 +112,9 @@ def test_a_sweep_folder_in_use_is_refused_before_anything_is_written(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_executor_runs_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    run_py("-m", "hydra/launcher=submitit_local", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
+    run_py(
+        "-m", "hydra/launcher=submitit_local", *TINY, "model.widths=[8,8,16]", "seed=0,1", f"hydra.sweep.dir={sweep}"
+    )
     assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished", "finished"]
     assert (sweep / ".submitit").is_dir()
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import device_name
 from semvae.config import TrainerConfig
 from semvae.data import Split, load_split
 from semvae.evaluation import metrics as ev
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = native_bf16(device)  # emulated bf16 takes minutes per step: measured only where it is native
 
     results: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "batch_size": args.batch_size,

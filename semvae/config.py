@@ -189,6 +189,9 @@ class EvaluationConfig:
     # spread over real images moves nothing: left out of the normalised GSV, counted in gsv_inactive_*. 0 keeps
     # every cell, the definition of the README's Results (where a direction that changes nothing scores 0, the best)
     change_floor: float = 0.0
+    # bootstrap resamples of the starting points behind every GSV's standard error (gsv_*_se): how much the GSV
+    # would move with another draw of n_points test images. 0: no standard errors
+    resamples: int = 200
     n_pairs: int = 8  # interpolation pairs
     interpolation_steps: int = 10
     traversal_range: float = 3.0  # traversals set each latent dim to values in [-range, range]
@@ -349,6 +352,8 @@ def validate(cfg: Config) -> Config:
     _require(e.interpolation_steps >= 2, "evaluation.interpolation_steps", "must be >= 2", e.interpolation_steps)
     _require(e.traversal_steps >= 2, "evaluation.traversal_steps", "must be >= 2", e.traversal_steps)
     _require(e.batch_size >= 1, "evaluation.batch_size", "must be >= 1", e.batch_size)
+    resamples_ok = e.resamples == 0 or e.resamples >= 2
+    _require(resamples_ok, "evaluation.resamples", "must be 0 (none) or >= 2", e.resamples)
     _require(
         e.limit_test is None or e.limit_test >= max(e.n_points, 2 * e.n_pairs),
         "evaluation.limit_test",

@@ -3,10 +3,11 @@
 import functools
 import json
 
+import pytest
 import torch
 
 from semvae.runtime import native_bf16
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, ROOT
 
 
 def test_throughput_benchmark_writes_its_table(tmp_path, monkeypatch):
@@ -46,3 +47,43 @@ def test_precision_benchmark_times_every_operation_in_both_precisions(tmp_path):
     assert all(t["fp32"] > 0 and t["bf16"] > 0 for t in results["ms"].values())
     table = (tmp_path / "precision.md").read_text()
     assert table.count("\n") == 2 + 2 + len(operations(2)) and "| matmul 512x512 |" in table
+
+
+def test_evaluation_size_rule_follows_the_standard_error_and_the_spread_between_seeds():
+    from benchmarks.evaluation_size import rule, summarise
+
+    rows = [
+        {"variant": v, "seed": s, "gsv_norm_j": g, "gsv_norm_j_se": se, "resampled_j": res}
+        for v, s, g, se, res in [
+            ("VAE", 0, 0.90, 0.004, [0.90, 0.91, 0.89]),
+            ("VAE", 1, 0.92, 0.006, [0.92, 0.93, 0.91]),
+            ("semanticVAE", 0, 0.80, 0.005, [0.80, 0.80, 0.80]),
+            ("semanticVAE", 1, 0.86, 0.005, [0.86, 0.87, 0.85]),
+        ]
+    ]
+    summary = summarise(rows, ["j"], points=100, fraction=0.25, test_size=10_000)
+    vae, semantic = summary["VAE/j"], summary["semanticVAE/j"]
+    assert vae["se"] == pytest.approx(0.005) and vae["between_seed_sd"] == pytest.approx(0.02 / 2**0.5)
+    assert vae["rule_n"] == rule(0.005, 100, 0.02 / 2**0.5, 0.25) == 200  # 100 * (0.005 / (0.25 * 0.01414))^2
+    assert semantic["between_seed_sd"] == pytest.approx(0.06 / 2**0.5) and semantic["rule_n"] == 23  # 22.2
+    # the paired difference to the VAE of the same seed, resample by resample: [-0.1, -0.11, -0.09] and [-0.06] * 3
+    assert semantic["paired_se_vs_VAE"] == pytest.approx((0.01 + 0.0) / 2)
+    assert rule(0.05, 100, 0.001, 0.25) > 10_000
+    tight = summarise([{**r, "gsv_norm_j_se": 0.5} for r in rows], ["j"], 100, 0.25, test_size=10_000)
+    assert tight["VAE/j"]["rule_n"] is None  # no N within the test split reaches it
+
+
+def test_evaluation_size_benchmark_writes_what_it_measured(tmp_path):
+    from benchmarks import evaluation_size
+
+    weights = ROOT / "weights"
+    models = [weights / "VAE_epoch50.pth", weights / "seeds" / "VAE_seed1_epoch50.pth"]
+    args = ["--models", *map(str, models), "--points", "4", "--resamples", "20", "--judges", "train"]
+    results = evaluation_size.main([*args, "--data", str(DATA_DIR), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "evaluation_size.json").read_text()) == json.loads(json.dumps(results))
+    assert [(m["variant"], m["seed"]) for m in results["models"]] == [("VAE", 0), ("VAE", 1)]
+    assert all(0 < m["gsv_norm_train"] < 1 and m["gsv_norm_train_se"] > 0 for m in results["models"])
+    row = results["summary"]["VAE/train"]
+    assert row["seeds"] == 2 and row["between_seed_sd"] > 0
+    table = (tmp_path / "evaluation_size.md").read_text()
+    assert f"| VAE/train | 2 | {row['mean']:.4f} | {row['se']:.4f} | {row['between_seed_sd']:.4f} | - |" in table

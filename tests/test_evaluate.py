@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from semvae.evaluation import metrics as ev
+from semvae.losses import mean_squared_change, semantic_variance_per_direction
 from semvae.models import ResNetVAE
 
 
@@ -177,3 +178,50 @@ def test_mean_and_se_leave_out_undefined_cells():
     mean, se = ev.mean_and_se(torch.tensor([1.0, float("nan"), 3.0]))
     assert mean == 2.0 and se == pytest.approx(math.sqrt(2) / math.sqrt(2))
     assert all(math.isnan(v) for v in ev.mean_and_se(torch.tensor([float("nan")])))
+
+
+def test_resampled_forms_with_equal_weights_are_the_full_sample_forms():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(3, 20, 5, generator=g) + torch.randn(3, 1, 5, generator=g)  # (K, N, F)
+    even = torch.full((1, 20), 1 / 20, dtype=torch.float64)
+    forms = ev.resampled_forms(delta, even)
+    full = {
+        "raw": semantic_variance_per_direction(delta, normalize=False),
+        "norm": semantic_variance_per_direction(delta, normalize=True),
+        "change": mean_squared_change(delta),
+    }
+    for form, values in full.items():
+        assert torch.allclose(forms[form][0].float(), values, rtol=1e-5), form
+    weights = ev.resampling_weights(20, 7, seed=1)
+    assert weights.shape == (7, 20) and torch.allclose(weights.sum(1), torch.ones(7, dtype=torch.float64))
+    assert ((weights * 20) == (weights * 20).round()).all()  # counts of draws, over N
+    assert torch.equal(weights, ev.resampling_weights(20, 7, seed=1))  # every model resampled alike
+
+
+def test_the_bootstrap_se_of_the_gsv_matches_its_spread_over_fresh_draws_of_starting_points():
+    """The standard error from resampling one draw of N starting points is about the standard deviation of the GSV
+    over independent draws of N points (what another choice of test images would give); the spread over cells
+    (directions and steps), which the old standard error reported, is not."""
+    latent_dim, n = 3, 60
+    w = torch.randn(latent_dim, 784, generator=torch.Generator().manual_seed(0))
+    decode = lambda codes: torch.sigmoid(codes @ w).reshape(-1, 1, 28, 28)  # noqa: E731
+    proj = torch.randn(784, 4, generator=torch.Generator().manual_seed(1))
+    judge = lambda images: torch.tanh(images.flatten(1) @ proj / 20)  # noqa: E731
+    d = ev.evaluation_directions(latent_dim, 2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    draws = [torch.randn(n, latent_dim, generator=g) for _ in range(200)]
+    with torch.no_grad():
+        gsv = [ev.global_semantic_variance(decode, {"j": judge}, z, d, [1.0])["j"]["norm"].mean().item() for z in draws]
+        one = ev.global_semantic_variance(decode, {"j": judge}, draws[0], d, [1.0], resamples=400, seed=3)["j"]
+    spread_over_draws = torch.tensor(gsv).std().item()
+    se = ev.resampled_se(one["norm"], one["resampled_norm"])
+    assert one["resampled_norm"].shape == (400, 1, len(d))
+    assert 0.7 * spread_over_draws < se < 1.4 * spread_over_draws
+    assert not 0.7 * spread_over_draws < ev.mean_and_se(one["norm"])[1] < 1.4 * spread_over_draws
+    assert math.isnan(ev.resampled_se(one["norm"], one["resampled_norm"][:1]))  # one resample: no spread
+
+
+def test_the_bootstrap_se_leaves_out_the_cells_under_the_change_floor():
+    values = torch.tensor([[0.5, float("nan"), 0.7]])
+    resampled = torch.tensor([[[0.4, 9.0, 0.6]], [[0.6, -9.0, 0.8]]])
+    assert ev.resampled_se(values, resampled) == pytest.approx(torch.tensor([0.5, 0.7]).std().item())

@@ -82,6 +82,39 @@ def evaluation_directions(latent_dim: int, n_random: int = 64, seed: int = 0) ->
     return torch.cat([eye, -eye, u / u.norm(dim=1, keepdim=True)])
 
 
+def resampling_weights(n: int, resamples: int, seed: int = 0) -> Tensor:
+    """Bootstrap weights over ``n`` starting points, (resamples, n) float64: row b holds how often each point was
+    drawn in n draws with replacement, divided by n (rows sum to 1). From ``seed``, so every model is resampled
+    alike."""
+    drawn = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(resamples, n, dtype=torch.float64)
+    counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+    return counts / n
+
+
+def resampled_forms(delta: Tensor, weights: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
+    """The GSV's three forms of each direction (raw, norm, change; see ``global_semantic_variance``) recomputed on
+    every bootstrap resample of the starting points: ``delta`` (K, N, F), ``weights`` (B, N) from
+    ``resampling_weights``; returns {form: (B, K)}. With weights 1/N in a row this is the full-sample value."""
+    d = delta.double()
+    n = d.shape[1]
+    mean = torch.einsum("bn,knf->bkf", weights, d)
+    mean_square = torch.einsum("bn,knf->bkf", weights, d * d)
+    variance = (mean_square - mean * mean).clamp_min(0)  # population variance over the resampled points, per feature
+    change = mean_square.sum(-1)
+    return {"raw": variance.mean(-1) * n / (n - 1), "norm": variance.sum(-1) / (change + eps), "change": change}
+
+
+def resampled_se(values: Tensor, resampled: Tensor) -> float:
+    """Standard error of a GSV (the mean of ``values`` (S, D) over its finite cells) from the same mean on every
+    bootstrap resample of the starting points (``resampled``: (B, S, D)); cells left out of the value (NaN under
+    the change floor) are left out of every resample too. NaN without resamples."""
+    keep = values.isfinite()
+    if len(resampled) < 2 or not keep.any():
+        return float("nan")
+    return resampled[:, keep].mean(dim=1).std(unbiased=True).item()
+
+
 @torch.no_grad()
 def global_semantic_variance(
     decode: Callable[[Tensor], Tensor],
@@ -93,6 +126,8 @@ def global_semantic_variance(
     eps: float = 1e-8,
     progress: str | None = None,
     floor: dict[str, float] | None = None,
+    resamples: int = 0,
+    seed: int = 0,
 ) -> dict[str, dict[str, Tensor]]:
     """GSV of docs/METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
 
@@ -105,7 +140,11 @@ def global_semantic_variance(
     ``floor`` (per judge): a (step, direction) whose change is below it does not move the reading, so its
     consistency is undefined: its normalised value is NaN (left out of means, counted as inactive) instead of the
     0 that eps would give it, the best score, earned by doing nothing. ``progress`` labels a progress bar.
-    Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``.
+    ``resamples`` > 0: the three forms are also computed on that many bootstrap resamples of the N starting points
+    (``resampling_weights`` from ``seed``), for the standard error a different draw of starting points would give
+    (``resampled_se``).
+    Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``, with ``"resampled_raw"`` (B, S, D),
+    ``"resampled_norm"`` and ``"resampled_change"`` when ``resamples`` > 0.
     """
     n, latent_dim = z.shape
     base_images = torch.cat([decode(z[s]) for s in batches(n, batch_size)])
@@ -115,6 +154,8 @@ def global_semantic_variance(
     raw = {name: [] for name in judges}
     norm = {name: [] for name in judges}
     change = {name: [] for name in judges}
+    weights = resampling_weights(n, resamples, seed).to(z.device) if resamples > 0 else None
+    resampled = {form: {name: [] for name in judges} for form in ("raw", "norm", "change")}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(shifts), desc=progress, unit="shift", leave=False, disable=progress is None)
@@ -134,10 +175,20 @@ def global_semantic_variance(
                 ratio = torch.where(moved < floor[name], torch.full_like(ratio, float("nan")), ratio)
             norm[name].append(ratio)
             change[name].append(moved)
+            if weights is not None:
+                for form, values in resampled_forms(delta, weights, eps).items():
+                    resampled[form][name].append(values)
     bar.close()
     n_steps = len(steps)
     forms = {"raw": raw, "norm": norm, "change": change}
-    return {name: {form: torch.cat(v[name]).reshape(n_steps, -1) for form, v in forms.items()} for name in judges}
+    if weights is not None:
+        forms |= {f"resampled_{form}": values for form, values in resampled.items()}
+
+    def shaped(chunks: list[Tensor]) -> Tensor:  # (S*D,) or (B, S*D) in chunks -> (S, D) or (B, S, D)
+        values = torch.cat(chunks, dim=-1)
+        return values.reshape(*values.shape[:-1], n_steps, -1)
+
+    return {name: {form: shaped(v[name]) for form, v in forms.items()} for name in judges}
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:

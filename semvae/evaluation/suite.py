@@ -74,6 +74,7 @@ def evaluate_model(
     traversal_values: Tensor,
     batch_size: int,
     change_floor: float = 0.0,
+    resamples: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
     """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split)."""
     started = time.perf_counter()
@@ -122,8 +123,9 @@ def evaluate_model(
         standard = morpho.standardize(factors, judges.morpho_mean, judges.morpho_std)[0]
         spread["morpho"] = standard.double().var(dim=0, unbiased=False).sum().item()
     floor = {name: change_floor * value for name, value in spread.items()}
+    resampling = {"resamples": resamples, "seed": seed, "floor": floor}
     gsv = ev.global_semantic_variance(
-        decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})", floor=floor
+        decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})", **resampling
     )
     if judges.morpho:
         gsv |= ev.global_semantic_variance(
@@ -134,13 +136,16 @@ def evaluate_model(
             steps,
             batch_size,
             progress="GSV (morpho)",
-            floor=floor,
+            **resampling,
         )
     for judge, values in gsv.items():
         metrics[f"reading_spread_{judge}"] = spread[judge]
         metrics[f"gsv_inactive_{judge}"] = values["norm"].isnan().double().mean().item()
+        metrics[f"gsv_points_{judge}"] = len(z) if judge != "morpho" else min(morpho_points, len(z))
         for form in ("raw", "norm", "change"):
-            metrics[f"gsv_{form}_{judge}"], metrics[f"gsv_{form}_{judge}_se"] = ev.mean_and_se(values[form])
+            metrics[f"gsv_{form}_{judge}"] = ev.mean_and_se(values[form])[0]
+            if resamples > 0:  # the standard error a different draw of the starting points would give
+                metrics[f"gsv_{form}_{judge}_se"] = ev.resampled_se(values[form], values[f"resampled_{form}"])
             for step, row in zip(steps, values[form], strict=True):
                 metrics[f"gsv_{form}_{judge}_step{step:g}"] = ev.mean_and_se(row)[0]
 
@@ -214,4 +219,5 @@ class EvaluationBench:
             traversal_values=torch.linspace(-e.traversal_range, e.traversal_range, e.traversal_steps),
             batch_size=e.batch_size,
             change_floor=e.change_floor,
+            resamples=e.resamples,
         )

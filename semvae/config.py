@@ -97,6 +97,9 @@ class SemanticConfig:
     n_points: Optional[int] = 32  # M starting points from the batch; None uses the whole batch
     normalize: bool = True
     eps: float = 1e-8
+    # under runtime.precision=bf16: decode and read the shifted codes in bf16 as well (the feature differences and
+    # their reductions stay fp32); off, the semantic term runs in fp32. docs/METHOD.md states the measured tolerance
+    reduced_precision: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ standard VAE (1, 0), beta-VAE (5, 0), semantic VAE (1, > 0).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -137,12 +138,16 @@ def vae_objective(
     normalize: bool = True,
     eps: float = 1e-8,
     noise: Tensor | None = None,
+    semantic_autocast: bool = False,
 ) -> dict[str, Tensor]:
     """The per-batch training loss and its terms: ``loss = recon + beta * kl + semantic_weight * semantic``.
 
     ``features`` (phi) and ``directions`` (K, L) are needed when ``semantic_weight > 0``; the semantic term uses
     the first ``n_points`` codes of the batch (all when None) and reuses their decoder pass from the
     reconstruction term. ``noise`` replaces the reparameterisation noise (for repeatable validation).
+    Under a reduced-precision autocast the semantic term runs in fp32 unless ``semantic_autocast``: then its
+    decodes and phi run in the autocast dtype too, and only phi's differences and their reductions are fp32
+    (``loss.semantic.reduced_precision``).
     """
     mu, logvar = (t.float() for t in vae.encode(x))  # reductions in fp32 also under reduced-precision autocast
     z = reparameterize(mu, logvar, noise)
@@ -152,12 +157,12 @@ def vae_objective(
     loss = recon + beta * kl
     if features is not None and directions is not None:
         m = z.shape[0] if n_points is None else min(n_points, z.shape[0])
-        # always in fp32: the feature changes it compares are small, and bfloat16 rounding of phi swamps them
-        # (under autocast the unshifted codes are decoded again in fp32 rather than reused)
-        reduced = torch.is_autocast_enabled(z.device.type)
-        with torch.autocast(z.device.type, enabled=False):
+        # under autocast, in fp32 unless semantic_autocast (the unshifted codes are then decoded again in fp32
+        # rather than reused); with it, in the autocast dtype, phi's differences taken in fp32 (semantic_loss)
+        in_fp32 = torch.is_autocast_enabled(z.device.type) and not semantic_autocast
+        with torch.autocast(z.device.type, enabled=False) if in_fp32 else contextlib.nullcontext():
             semantic = semantic_loss(
-                vae.decode, features, z[:m], directions, normalize, eps, base_logits=None if reduced else logits[:m]
+                vae.decode, features, z[:m], directions, normalize, eps, base_logits=None if in_fp32 else logits[:m]
             )
         terms["semantic"] = semantic
         loss = loss + semantic_weight * semantic

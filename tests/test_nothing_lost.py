@@ -84,6 +84,17 @@ def test_a_resume_with_other_settings_names_each_differing_key(tmp_path):
     assert "loss.beta" not in str(refused.value)  # equal settings are not listed
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_that_settings_default(tmp_path):
+    state = {"model": {}, "optimizer": {}, "epoch": 1, "step": 1, "rng": {}}
+    written = _plain(config("variant=semantic"))
+    del written["loss"]["semantic"]["reduced_precision"]  # as a checkpoint of an earlier version holds it
+    path = tmp_path / "last.pt"
+    checkpoints.save_atomic(state | {"config": written}, path)
+    assert check_resumable(config("variant=semantic"), path)["step"] == 1
+    with pytest.raises(checkpoints.CheckpointError, match=r"loss.semantic.reduced_precision: False -> True"):
+        check_resumable(config("variant=semantic", "loss.semantic.reduced_precision=true"), path)
+
+
 def _plain(cfg):
     from semvae.config import as_plain
 

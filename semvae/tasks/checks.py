@@ -64,12 +64,16 @@ def _leaves(value: Any, key: str) -> dict[str, Any]:
 
 def check_resumable(cfg: Config, path: Path) -> dict[str, Any]:
     """The checkpoint ``path`` if this config may continue it; CheckpointError naming the file and, key by key,
-    the settings that differ (``loss.semantic_weight: 10.0 -> 0.0``) if not."""
+    the settings that differ (``loss.semantic_weight: 10.0 -> 0.0``) if not. A setting the checkpoint's config
+    lacks (added to the project since) is taken at its default."""
     state = checkpoints.load_training_state(path)
     stored, current = state.get("config", {}), as_plain(effective_config(cfg))
+    defaults = as_plain(Config())
     differing = []
     for key in RESUME_KEYS:
         then, now = _leaves(_lookup(stored, key), key), _leaves(_lookup(current, key), key)
+        # a setting added after the checkpoint was written counts as its default (what that run ran with)
+        then |= {k: v for k, v in _leaves(_lookup(defaults, key), key).items() if k not in then and k in now}
         changed = [k for k in sorted(then | now) if then.get(k) != now.get(k)]
         differing += [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed]
     if differing:

@@ -54,6 +54,7 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
             sem.normalize,
             sem.eps,
             noise=noise,
+            semantic_autocast=sem.reduced_precision,
         )
 
     def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:

@@ -39,6 +39,15 @@ class Judges:
         values = morpho.measure(images.float().cpu())
         return morpho.standardize(values, self.morpho_mean, self.morpho_std)[0].to(images.device)
 
+    def reading_spread(self, starts: Tensor, factors: Tensor | None, batch_size: int) -> dict[str, float]:
+        """How much each judge's reading varies over real images: over the starting images for a classifier, over
+        the standardised test-set morphometrics for morpho. The same for every model evaluated."""
+        spread = {name: ev.reading_spread(net.features, starts, batch_size) for name, net in self.classifiers.items()}
+        if self.morpho and factors is not None:
+            standard = morpho.standardize(factors, self.morpho_mean, self.morpho_std)[0]
+            spread["morpho"] = standard.double().var(dim=0, unbiased=False).sum().item()
+        return spread
+
 
 @dataclass
 class Selection:
@@ -75,8 +84,10 @@ def evaluate_model(
     batch_size: int,
     change_floor: float = 0.0,
     resamples: int = 0,
+    spread: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
-    """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split)."""
+    """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split).
+    ``spread``: the judges' reading spread (``Judges.reading_spread``), computed here when not given."""
     started = time.perf_counter()
     log.info(
         "reconstruction, ELBO and latent statistics%s on %d test images",
@@ -118,10 +129,8 @@ def evaluate_model(
         f"; morpho on {min(morpho_points, len(z))} points" if judges.morpho else "",
     )
     # a shift that moves a judge's reading by less than change_floor x its spread over real images moves nothing
-    spread = {name: ev.reading_spread(judge, selection.starts, batch_size) for name, judge in classifiers.items()}
-    if judges.morpho:  # standardised over the test set: the spread of the test images' readings
-        standard = morpho.standardize(factors, judges.morpho_mean, judges.morpho_std)[0]
-        spread["morpho"] = standard.double().var(dim=0, unbiased=False).sum().item()
+    if spread is None:
+        spread = judges.reading_spread(selection.starts, factors, batch_size)
     floor = {name: change_floor * value for name, value in spread.items()}
     resampling = {"resamples": resamples, "seed": seed, "floor": floor}
     gsv = ev.global_semantic_variance(
@@ -168,6 +177,7 @@ class EvaluationBench:
     judges: Judges
     selection: Selection
     factors: Tensor | None
+    spread: dict[str, float] | None = None  # the judges' reading spread, once for every model
 
     @classmethod
     def prepare(cls, cfg: Config, device: torch.device) -> EvaluationBench:
@@ -220,4 +230,12 @@ class EvaluationBench:
             batch_size=e.batch_size,
             change_floor=e.change_floor,
             resamples=e.resamples,
+            spread=self.reading_spread(),
         )
+
+    def reading_spread(self) -> dict[str, float]:
+        """The judges' reading spread, computed at the first model (once the morphometrics are measured)."""
+        if self.spread is None:
+            batch_size = self.cfg.evaluation.batch_size
+            self.spread = self.judges.reading_spread(self.selection.starts, self.factors, batch_size)
+        return self.spread

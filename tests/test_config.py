@@ -101,3 +101,12 @@ def test_a_misspelt_key_or_a_missing_classifier_is_refused_before_hydra_starts(t
     refused = preflight("variant=semantic", f"paths.weights_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/c")
     assert refused.returncode == 2 and not (tmp_path / "c").exists()
     assert "classifier.checkpoint" in refused.stderr and "python run.py task=train_classifier" in refused.stderr
+
+
+def test_the_sweep_evaluation_preset_keeps_the_gsv_definition_on_fewer_points():
+    default, sweep = compose_config().evaluation, compose_config("evaluation=sweep").evaluation
+    assert (sweep.n_points, sweep.morpho_points, sweep.limit_test) == (300, 100, 2000)
+    same = ("n_random_directions", "steps", "seed", "judges", "resamples", "change_floor", "checkpoints")
+    assert all(getattr(sweep, key) == getattr(default, key) for key in same)
+    study = compose_config("experiment=sweep_beta_semantic")
+    assert study.evaluation == sweep and study.task.evaluate

@@ -20,7 +20,6 @@ N exceeds the test split, no N reaches it and the table says so. Writes ``evalua
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -30,6 +29,7 @@ import torch
 
 from benchmarks import device_name
 from semvae import checkpoints
+from semvae.checkpoints import write_json_atomic, write_text_atomic
 from semvae.config import EvaluationConfig
 from semvae.data import load_split
 from semvae.evaluation import metrics as ev
@@ -86,13 +86,12 @@ def summarise(rows: list[dict], judges: list[str], points: int, fraction: float,
             values = torch.tensor([r[f"gsv_norm_{judge}"] for r in mine], dtype=torch.float64)
             se = sum(r[f"gsv_norm_{judge}_se"] for r in mine) / len(mine)
             sd = values.std(unbiased=True).item() if len(values) > 1 else float("nan")
-            paired = []
-            for r in mine:
-                (ref,) = [q for q in rows if q["variant"] == reference and q["seed"] == r["seed"]] or [None]
-                if ref is not None and variant != reference:
-                    diff = torch.tensor(r[f"resampled_{judge}"], dtype=torch.float64) - torch.tensor(
-                        ref[f"resampled_{judge}"], dtype=torch.float64
-                    )
+            paired = []  # the SE of (this model - the reference of its seed), resample by resample
+            for r in mine if variant != reference else []:
+                ref = next((q for q in rows if q["variant"] == reference and q["seed"] == r["seed"]), None)
+                if ref is not None:
+                    diff = torch.tensor(r[f"resampled_{judge}"], dtype=torch.float64)
+                    diff -= torch.tensor(ref[f"resampled_{judge}"], dtype=torch.float64)
                     paired.append(diff.std(unbiased=True).item())
             n = rule(se, points, sd, fraction) if not math.isnan(sd) else math.inf
             summary[f"{variant}/{judge}"] = {
@@ -118,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", type=Path, default=ROOT / "weights")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    missing = [str(path) for path in args.models if not path.is_file()]
+    if missing:  # before any work, and before anything in --out is replaced
+        parser.error(f"--models: no such file: {', '.join(missing)}")
 
     device = resolve_device(args.device)
     cfg = EvaluationConfig()
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "evaluation_size.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "evaluation_size.md").write_text(table(results))
+    write_json_atomic(results, args.out / "evaluation_size.json")
+    write_text_atomic(table(results), args.out / "evaluation_size.md")
     return results
 
 

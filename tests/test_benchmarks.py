@@ -42,12 +42,20 @@ def test_throughput_benchmark_writes_its_table(tmp_path, monkeypatch):
 def test_precision_benchmark_times_every_operation_in_both_precisions(tmp_path):
     from benchmarks.precision import main, operations
 
-    results = main(["--device", "cpu", "--repeats", "1", "--batch", "2", "--out", str(tmp_path)])
+    args = ["--device", "cpu", "--repeats", "1", "--batch", "2", "--semantic-batches", "1", "--semantic-points", "4"]
+    results = main([*args, "--data", str(DATA_DIR), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "precision.json").read_text()) == json.loads(json.dumps(results))
     assert results["native_bf16"] is native_bf16(torch.device("cpu"))
     assert set(results["ms"]) == set(operations(2))
     assert all(t["fp32"] > 0 and t["bf16"] > 0 for t in results["ms"].values())
     table = (tmp_path / "precision.md").read_text()
-    assert table.count("\n") == 2 + 2 + len(operations(2)) and "| matmul 512x512 |" in table
+    assert "| matmul 512x512 |" in table and table.count("| conv") == 3
+    semantic = results["semantic_term_bf16"]
+    assert (semantic["batches"], semantic["points"]) == (1, 4)
+    for form in ("normalised", "raw"):
+        w = semantic[form]
+        assert w["abs"] > 0 and 0 < w["grad_cos"] <= 1  # the bf16 path differs from fp32 by rounding, not sign
+        assert f"| {form} | {w['abs']:.2e} | {w['rel']:.2e} | {w['grad_cos']:.4f} |" in table
 
 
 def test_evaluation_size_rule_follows_the_standard_error_and_the_spread_between_seeds():

@@ -82,12 +82,12 @@ def evaluate_model(
     interpolation_steps: int,
     traversal_values: Tensor,
     batch_size: int,
+    spread: dict[str, float],
     change_floor: float = 0.0,
     resamples: int = 0,
-    spread: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
     """All metrics of one model. Returns (metrics, images to save, latent norms ||mu(x)|| over the test split).
-    ``spread``: the judges' reading spread (``Judges.reading_spread``), computed here when not given."""
+    ``spread``: the judges' reading spread over real images (``Judges.reading_spread``, the same for every model)."""
     started = time.perf_counter()
     log.info(
         "reconstruction, ELBO and latent statistics%s on %d test images",
@@ -129,8 +129,6 @@ def evaluate_model(
         f"; morpho on {min(morpho_points, len(z))} points" if judges.morpho else "",
     )
     # a shift that moves a judge's reading by less than change_floor x its spread over real images moves nothing
-    if spread is None:
-        spread = judges.reading_spread(selection.starts, factors, batch_size)
     floor = {name: change_floor * value for name, value in spread.items()}
     resampling = {"resamples": resamples, "seed": seed, "floor": floor}
     gsv = ev.global_semantic_variance(

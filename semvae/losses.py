@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -168,3 +169,80 @@ def vae_objective(
         loss = loss + semantic_weight * semantic
     terms["loss"] = loss
     return terms
+
+
+@dataclass
+class VAELoss:
+    """The training loss of one VAE run (``loss.*``) as a callable ``(model, x, generator) -> terms``.
+
+    It draws the step's K directions from ``generator`` (``directions``) and calls ``vae_objective``. A stack of
+    runs (``semvae/training/stacking.py``) uses the same pieces: each run draws its own directions and noise, and
+    runs whose ``fusion_key`` matches share one vectorised call of ``vae_objective``.
+    """
+
+    beta: float
+    semantic_weight: float
+    features: Callable[[Tensor], Tensor] | None  # phi; None when semantic_weight == 0
+    latent_dim: int
+    directions_kind: str = "random"
+    step: float = 1.0
+    n_directions: int = 4
+    n_points: int | None = 32
+    normalize: bool = True
+    eps: float = 1e-8
+    reduced_precision: bool = False
+
+    def directions(self, generator: torch.Generator, device: torch.device | str) -> Tensor | None:
+        """The step's K shifts (K, L) from ``generator``; None without the semantic term."""
+        if self.features is None:
+            return None
+        return sample_directions(self.n_directions, self.latent_dim, self.directions_kind, self.step, generator, device)
+
+    def terms(
+        self,
+        model,
+        x: Tensor,
+        directions: Tensor | None,
+        noise: Tensor | None = None,
+        beta: float | Tensor | None = None,
+        semantic_weight: float | Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """``vae_objective`` with this run's settings; ``beta`` and ``semantic_weight`` may be given as tensors
+        (one value per member of a stack)."""
+        return vae_objective(
+            model,
+            x,
+            self.beta if beta is None else beta,
+            self.semantic_weight if semantic_weight is None else semantic_weight,
+            self.features,
+            directions,
+            self.n_points,
+            self.normalize,
+            self.eps,
+            noise=noise,
+            semantic_autocast=self.reduced_precision,
+        )
+
+    def __call__(self, model, x: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> dict[str, Tensor]:
+        return self.terms(model, x, self.directions(generator, x.device), noise)
+
+    def fusion_key(self) -> tuple:
+        """What must be equal for runs to share one vectorised call: the shapes and the branches taken. beta,
+        lambda and the directions (kind, step) may differ between them."""
+        semantic = self.features is not None
+        return (
+            (semantic, self.n_directions, self.n_points, self.normalize, self.eps, self.reduced_precision)
+            if (semantic)
+            else (False,)
+        )
+
+
+@dataclass
+class TrainingStep:
+    """A Trainer's ``step_fn`` for a VAE: ``loss`` with the directions drawn from the run's ``generator``."""
+
+    loss: VAELoss
+    generator: torch.Generator
+
+    def __call__(self, model, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
+        return self.loss(model, x, self.generator)

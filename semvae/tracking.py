@@ -94,7 +94,7 @@ class Tracker:
             entity=entity,
             tags=tags,
             config=config,
-            reinit="finish_previous",
+            reinit="create_new",  # runs stacked in one process (hydra/launcher=stacked) log side by side
             id=run_id,
             resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout),

@@ -11,7 +11,7 @@ from torch import Tensor
 from semvae import checkpoints
 from semvae.config import Config, as_plain
 from semvae.evaluation.metrics import squared_errors
-from semvae.losses import sample_directions, vae_objective, variant_of
+from semvae.losses import TrainingStep, VAELoss, variant_of
 from semvae.models import ResNetVAE
 from semvae.stopping import StopRequested
 from semvae.tasks.common import finish_training, load_classifier, setup, tracked_training, training_data
@@ -34,31 +34,21 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     variant = variant_of(loss.beta, loss.semantic_weight)
 
     direction_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    objective = VAELoss(
+        loss.beta,
+        loss.semantic_weight,
+        phi.features if phi is not None else None,
+        m.latent_dim,
+        sem.directions.value,
+        sem.step,
+        sem.n_directions,
+        sem.n_points,
+        sem.normalize,
+        sem.eps,
+        sem.reduced_precision,
+    )
 
-    def objective(model: ResNetVAE, x: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> dict:
-        """The training loss of docs/METHOD.md; K fresh directions from ``generator`` when the semantic term is on."""
-        directions = None
-        if phi is not None:
-            directions = sample_directions(
-                sem.n_directions, m.latent_dim, sem.directions.value, sem.step, generator, device
-            )
-        features = phi.features if phi is not None else None
-        return vae_objective(
-            model,
-            x,
-            loss.beta,
-            loss.semantic_weight,
-            features,
-            directions,
-            sem.n_points,
-            sem.normalize,
-            sem.eps,
-            noise=noise,
-            semantic_autocast=sem.reduced_precision,
-        )
-
-    def step_fn(model: ResNetVAE, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
-        return objective(model, x, direction_gen)
+    step_fn = TrainingStep(objective, direction_gen)  # a stack of runs fuses these (semvae/training/stacking.py)
 
     # validation sees the same noise and directions every epoch, so its numbers are comparable across epochs
     val_seed = cfg.seed + 2

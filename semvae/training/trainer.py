@@ -25,6 +25,7 @@ from semvae.config import TrainerConfig
 from semvae.data import Split, batch_indices
 from semvae.runtime import autocast, rng_state, set_rng_state
 from semvae.stopping import StopFlag, StopRequested
+from semvae.training import stacking
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,14 @@ class Trainer:
 
     def optimizer_step(self, index: Tensor) -> Tensor:
         """One step on the batch ``index``; returns its loss terms stacked (on the device, no host read)."""
-        with autocast(self.train.images.device, self.precision):
-            terms = self.step_fn(self.model, self.train.images[index], self.train.labels[index])
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        member = stacking.current()
+        if member is None:
+            with autocast(self.train.images.device, self.precision):
+                terms = self.step_fn(self.model, self.train.images[index], self.train.labels[index])
+            terms["loss"].backward()
+        else:  # one of several runs trained together: the stack's fused step sets this model's gradients
+            terms = member.step(self, index)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

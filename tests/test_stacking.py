@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
 
 from semvae import checkpoints
 from semvae.models import ResNetVAE
+from semvae.stopping import StopFlag, StopRequested
 from semvae.tasks.train_vae import train_vae
+from semvae.training import stacking
 from semvae.training.stacking import run_stacked
 from tests.conftest import compose_config, read_metrics, read_summary
 
@@ -77,16 +80,64 @@ def assert_same_run(stacked_dir, alone_dir):
             assert x[key] == pytest.approx(y[key], rel=LOSS_RTOL[semantic], abs=1e-6), key
 
 
-def test_members_of_a_stack_end_where_they_would_alone(tmp_path, weights_dir, alone):
+def stack_jobs(weights_dir, root):
     configs = {name: member_config(weights_dir, overrides) for name, overrides in MEMBERS.items()}
-    jobs = [lambda c=c, d=tmp_path / name: train_vae(c, d) for name, c in configs.items()]
-    results = run_stacked(jobs)
+    return [lambda c=c, d=root / name: train_vae(c, d) for name, c in configs.items()]
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory, weights_dir):
+    """The members trained together, uninterrupted."""
+    root = tmp_path_factory.mktemp("stacked")
+    results = run_stacked(stack_jobs(weights_dir, root))
     assert [error for _, error in results] == [None] * len(MEMBERS)
+    return root
+
+
+def test_members_of_a_stack_end_where_they_would_alone(stacked, alone):
     for name in MEMBERS:
-        assert_same_run(tmp_path / name, alone / name)
+        assert_same_run(stacked / name, alone / name)
     # the semantic members trained with their term, the others without it
-    assert "train/semantic" in read_metrics(tmp_path / "semantic")[0]
-    assert "train/semantic" not in read_metrics(tmp_path / "beta")[0]
+    assert "train/semantic" in read_metrics(stacked / "semantic")[0]
+    assert "train/semantic" not in read_metrics(stacked / "beta")[0]
+
+
+def test_a_crashed_then_stopped_stack_resumes_every_member_exactly(tmp_path, weights_dir, stacked, monkeypatch):
+    """A crash inside the fused step at step 8 (as kill -9 would leave it: last.pt of step 5) and, on the rerun, a
+    stop signal at step 12; the third run ends every member bit for bit where the uninterrupted stack ended."""
+    calls = {"n": 0}
+    fused = stacking.fused_step
+
+    def crash_at_8(requests):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            for request in requests:
+                request.error = RuntimeError("killed")
+            return
+        fused(requests)
+
+    monkeypatch.setattr(stacking, "fused_step", crash_at_8)
+    assert all("killed" in str(error) for _, error in run_stacked(stack_jobs(weights_dir, tmp_path)))
+    assert {checkpoints.load(tmp_path / n / "last.pt")["step"] for n in MEMBERS} == {5}
+
+    def stop_at_12(requests):  # 7 steps after the resume from step 5
+        calls["n"] += 1
+        if calls["n"] == 8 + 7:
+            StopFlag._active.signum = signal.SIGTERM
+        fused(requests)
+
+    monkeypatch.setattr(stacking, "fused_step", stop_at_12)
+    with StopFlag():
+        outcomes = run_stacked(stack_jobs(weights_dir, tmp_path))
+    assert all(isinstance(error, StopRequested) for _, error in outcomes)
+    assert {read_summary(tmp_path / n)["stopped_at_step"] for n in MEMBERS} == {12}
+
+    monkeypatch.setattr(stacking, "fused_step", fused)
+    assert [error for _, error in run_stacked(stack_jobs(weights_dir, tmp_path))] == [None] * len(MEMBERS)
+    for name in MEMBERS:
+        a, b = (checkpoints.load(root / name / "model.pth")["model"] for root in (tmp_path, stacked))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert read_metrics(tmp_path / name) == read_metrics(stacked / name)
 
 
 def test_a_failing_member_ends_alone(tmp_path, weights_dir, alone):

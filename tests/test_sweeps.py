@@ -57,6 +57,29 @@ def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_p
 
 
 @pytest.mark.slow
+def test_stacked_launcher_trains_each_group_of_jobs_as_one_stack_of_ordinary_runs(tmp_path):
+    """Jobs differing in loss.beta share a stack; trainer.epochs splits them into two stacks. Each member is a run of
+    its own: folder, Hydra config, log, checkpoint, W&B run."""
+    sweep = tmp_path / "sweep"
+    args = ["hydra/launcher=stacked", "hydra.launcher.on_cpu=true", "trainer=smoke", "model.widths=[8,8,16]"]
+    proc = run_py("-m", *args, "trainer.epochs=1,2", "loss.beta=1,5", f"hydra.sweep.dir={sweep}")
+    assert "2 stacks: 2 members (jobs 0 1) on cpu, 2 members (jobs 2 3) on cpu; 0 jobs alone" in proc.stdout
+    jobs = _jobs(sweep)
+    summaries = [read_summary(job) for job in jobs]
+    assert [(s["status"], s["epochs"], s["variant"]) for s in summaries] == [
+        ("finished", 1, "vae"),
+        ("finished", 1, "beta"),
+        ("finished", 2, "vae"),
+        ("finished", 2, "beta"),
+    ]
+    for job in jobs:
+        assert (job / "model.pth").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
+        assert f"in {job}" in (job / "run.log").read_text().splitlines()[0]  # its own log, from its start
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    assert len({json.loads((job / "wandb.json").read_text())["id"] for job in jobs}) == 4
+
+
+@pytest.mark.slow
 def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_hold(tmp_path, weights_dir):
     sweep, weights = tmp_path / "sweep", tmp_path / "weights"
     weights.mkdir()  # no classifier yet: the semantic job fails

@@ -56,11 +56,18 @@ class ProcessesLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        threads = max(1, (os.cpu_count() or 1) // min(self.n_jobs, len(job_overrides)))
         log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}, {self.n_jobs} at a time in their own processes")
+        results = self.run_jobs(list(enumerate(job_overrides, start=initial_job_idx)))
+        return [results[i] for i in sorted(results)]
+
+    def run_jobs(self, jobs: list[tuple[int, Sequence[str]]]) -> dict[int, JobReturn]:
+        """Run the numbered jobs ``(number, overrides)``, ``n_jobs`` at a time; their results by number."""
+        if not jobs:
+            return {}
+        threads = max(1, (os.cpu_count() or 1) // min(self.n_jobs, len(jobs)))
         # fork: the job processes inherit the task function and the composed configs as they are in memory
         context = multiprocessing.get_context("fork")
-        pending = list(enumerate(job_overrides, start=initial_job_idx))
+        pending = list(jobs)
         running: dict[Any, tuple[int, Sequence[str], DictConfig, Any]] = {}
         results: dict[int, JobReturn] = {}
         stop = _ForwardStops(lambda: [process for *_, process in running.values()])
@@ -69,7 +76,7 @@ class ProcessesLauncher(Launcher):
                 while pending and len(running) < self.n_jobs and stop.signum is None:
                     idx, overrides = pending.pop(0)
                     log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-                    config = self._job_config(overrides, idx)
+                    config = self.job_config(overrides, idx)
                     reader, writer = context.Pipe(duplex=False)
                     process = context.Process(target=_run, args=(writer, self, config, threads), daemon=False)
                     process.start()
@@ -91,9 +98,9 @@ class ProcessesLauncher(Launcher):
 
             log.warning(f"stopped by {signal.Signals(stop.signum).name}; to continue: {rerun(self.config)}")
             raise SystemExit(128 + stop.signum)
-        return [results[i] for i in sorted(results)]
+        return results
 
-    def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
+    def job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
         config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(config.hydra.job):
             config.hydra.job.id = f"{config.hydra.job.name}_{idx}"

@@ -96,3 +96,23 @@ def test_evaluation_size_benchmark_writes_what_it_measured(tmp_path):
     assert row["seeds"] == 2 and row["between_seed_sd"] > 0
     table = (tmp_path / "evaluation_size.md").read_text()
     assert f"| VAE/train | 2 | {row['mean']:.4f} | {row['se']:.4f} | {row['between_seed_sd']:.4f} | - |" in table
+
+
+def test_sweep_benchmark_times_the_three_ways_on_the_same_members(tmp_path):
+    from benchmarks import sweep
+
+    assert [w for _, w, _ in sweep.member_settings(4)] == [0.0, 10.0, 1.0, 100.0]  # lambda = 0 beside semantic ones
+    assert sweep.member_settings(16)[15] == (1.0, 0.0, 1)  # after the 15 settings, seed 1
+    args = ["--members", "2", "--steps", "1", "--batch-size", "8", "--processes", "2", "--device", "cpu"]
+    args += ["--peak-seconds", "0.1"]
+    result = sweep.main([*args, "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "sweep_cpu.json").read_text()) == json.loads(json.dumps(result))
+    rows = {r["way"]: r for r in result["rows"]}
+    assert set(rows) == {"one at a time", "processes", "stacked"}
+    for r in rows.values():
+        assert r["member_images_per_s"] == pytest.approx(2 * 1 * 8 / r["seconds"])
+        assert r["vs_one_at_a_time"] == pytest.approx(
+            r["member_images_per_s"] / rows["one at a time"]["member_images_per_s"]
+        )
+        assert 0 < r["peak_share"] < 1
+    assert f"| 2 | stacked | {rows['stacked']['member_images_per_s']:.0f} |" in (tmp_path / "sweep_cpu.md").read_text()

@@ -16,11 +16,11 @@ import time
 import pytest
 import torch
 
-from semvae import checkpoints, rundir
+from semvae import checkpoints, rundir, stopping
 from semvae.data import Split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
-from semvae.stopping import StopFlag, StopRequested
+from semvae.stopping import STOP_SIGNALS, StopFlag, StopRequested
 from semvae.tracking import Tracker
 from tests.conftest import (
     DATA_DIR,
@@ -104,9 +104,20 @@ def test_kill_9_mid_epoch_then_the_same_command_finishes_the_same_run(tmp_path, 
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 2  # no step twice (but each epoch's record)
 
 
+@pytest.mark.parametrize("sig", STOP_SIGNALS)
+def test_every_stop_signal_only_sets_the_flag_and_the_handlers_come_back(sig):
+    """SIGTERM, Ctrl-C, and SLURM's notices (SIGUSR1, SIGUSR2) all become a stop request; nothing is interrupted."""
+    before = signal.getsignal(sig)
+    with StopFlag() as flag:
+        os.kill(os.getpid(), sig)
+        assert flag.signum == sig and stopping.requested() == sig
+    assert signal.getsignal(sig) is before and stopping.requested() is None
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])  # Ctrl-C; SLURM's notice
-def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, sig):
+def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+    """Ctrl-C to a training run.py (the process test of one stop signal; the others set the same flag, above)."""
+    sig = signal.SIGINT
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     _wait_for_mid_epoch_checkpoint(proc, run_dir)
@@ -119,10 +130,10 @@ def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, unint
     summary = read_summary(run_dir)
     state = checkpoints.load(run_dir / "last.pt")
     assert summary["status"] == "stopped" and summary["stopped_at_step"] == state["step"]
-    if sig == signal.SIGINT:  # continued elsewhere from that checkpoint, it ends where an uninterrupted run does
-        resumed = run_in_process(*LONG, f"trainer.resume={run_dir / 'last.pt'}", run_dir=tmp_path / "resumed")
-        assert resumed.returncode == 0, resumed.stderr
-        assert _same_model(tmp_path / "resumed", uninterrupted)
+    # continued elsewhere from that checkpoint, it ends where an uninterrupted run does
+    resumed = run_in_process(*LONG, f"trainer.resume={run_dir / 'last.pt'}", run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same_model(tmp_path / "resumed", uninterrupted)
 
 
 def test_stop_flag_checkpoints_mid_epoch_and_resume_matches(tmp_path):

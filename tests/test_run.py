@@ -124,10 +124,14 @@ def test_same_seed_same_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_by_two_multirun(tmp_path, weights_dir):
+def test_two_by_two_multirun_as_one_stack(tmp_path, weights_dir):
+    """The four variants of a 2 x 2 grid train as one stack (hydra/launcher=stacked), each an ordinary run with its own
+    folder, Hydra config, log and W&B run."""
     sweep = tmp_path / "sweep"
-    run_py(
+    proc = run_py(
         "-m",
+        "hydra/launcher=stacked",
+        "hydra.launcher.on_cpu=true",
         "loss.beta=1,5",
         "loss.semantic_weight=0,1",
         "loss.semantic.n_directions=1",  # a small model, and the semantic jobs' loss from 1 direction at 4 points
@@ -138,6 +142,7 @@ def test_two_by_two_multirun(tmp_path, weights_dir):
         f"paths.weights_dir={weights_dir}",
         f"hydra.sweep.dir={sweep}",
     )
+    assert "1 stack: 4 members (jobs 0 1 2 3) on cpu; 0 jobs alone" in proc.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 4
     seen, run_ids = {}, set()
@@ -146,6 +151,8 @@ def test_two_by_two_multirun(tmp_path, weights_dir):
         config = checkpoints.load(job / "model.pth")["config"]["loss"]
         seen[(config["beta"], config["semantic_weight"])] = summary["variant"]
         (wandb_run,) = (job / "wandb").glob("offline-run-*")  # each job logged into a W&B run of its own
+        assert f"in {job}" in (job / "run.log").read_text().splitlines()[0]  # and into a log of its own
+        assert (job / ".hydra" / "overrides.yaml").is_file() and summary["status"] == "finished"
         run_ids.add(wandb_run.name.rsplit("-", 1)[1])
     assert seen == {(1.0, 0.0): "vae", (5.0, 0.0): "beta", (1.0, 1.0): "semantic", (5.0, 1.0): "beta-semantic"}
     assert len(run_ids) == 4

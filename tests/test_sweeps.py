@@ -18,7 +18,7 @@ from semvae import rundir
 from semvae.config import register_configs
 from tests.conftest import DATA_DIR, ROOT, read_summary, run_py
 
-TINY = ["trainer=smoke", "trainer.epochs=1", "logger=none"]
+TINY = ["trainer=smoke", "trainer.epochs=1", "model.widths=[8,8,16]", "logger=none"]
 # a semantic job's loss from 1 direction at 4 starting points instead of 4 at 32: what a sweep does with it is the same
 CHEAP_SEMANTIC = ["loss.semantic.n_directions=1", "loss.semantic.n_points=4"]
 TINY_EVAL = [
@@ -28,7 +28,7 @@ TINY_EVAL = [
     "evaluation.morpho_points=4",
     "evaluation.n_random_directions=1",
     "evaluation.n_pairs=2",
-    "evaluation.judges=[train,morpho]",
+    "evaluation.judges=[train]",  # the judge of the objectives below
 ]
 
 
@@ -54,29 +54,6 @@ def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_p
         assert summary["torch_threads"] == max(1, os.cpu_count() // 2)  # the cores shared between 2 jobs
     (start0, end0), (start1, end1) = (_span(job) for job in jobs)
     assert start1 < end0 and start0 < end1  # they overlapped
-
-
-@pytest.mark.slow
-def test_stacked_launcher_trains_each_group_of_jobs_as_one_stack_of_ordinary_runs(tmp_path):
-    """Jobs differing in loss.beta share a stack; trainer.epochs splits them into two stacks. Each member is a run of
-    its own: folder, Hydra config, log, checkpoint, W&B run."""
-    sweep = tmp_path / "sweep"
-    args = ["hydra/launcher=stacked", "hydra.launcher.on_cpu=true", "trainer=smoke", "model.widths=[8,8,16]"]
-    proc = run_py("-m", *args, "trainer.epochs=1,2", "loss.beta=1,5", f"hydra.sweep.dir={sweep}")
-    assert "2 stacks: 2 members (jobs 0 1) on cpu, 2 members (jobs 2 3) on cpu; 0 jobs alone" in proc.stdout
-    jobs = _jobs(sweep)
-    summaries = [read_summary(job) for job in jobs]
-    assert [(s["status"], s["epochs"], s["variant"]) for s in summaries] == [
-        ("finished", 1, "vae"),
-        ("finished", 1, "beta"),
-        ("finished", 2, "vae"),
-        ("finished", 2, "beta"),
-    ]
-    for job in jobs:
-        assert (job / "model.pth").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
-        assert f"in {job}" in (job / "run.log").read_text().splitlines()[0]  # its own log, from its start
-        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
-    assert len({json.loads((job / "wandb.json").read_text())["id"] for job in jobs}) == 4
 
 
 @pytest.mark.slow
@@ -135,10 +112,8 @@ def test_a_sweep_folder_in_use_is_refused_before_anything_is_written(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_executor_runs_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    run_py(
-        "-m", "hydra/launcher=submitit_local", *TINY, "model.widths=[8,8,16]", "seed=0,1", f"hydra.sweep.dir={sweep}"
-    )
-    assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished", "finished"]
+    run_py("-m", "hydra/launcher=submitit_local", *TINY, "seed=0", f"hydra.sweep.dir={sweep}")  # a job in a new process
+    assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished"]
     assert (sweep / ".submitit").is_dir()
 
 
@@ -149,7 +124,6 @@ def test_optuna_multi_objective_search_returns_the_pareto_set(tmp_path, weights_
         "-m",
         "experiment=pareto_optuna",
         *TINY,
-        "model.widths=[8,8,16]",
         *CHEAP_SEMANTIC,
         *TINY_EVAL,
         "hydra.sweeper.n_trials=2",

@@ -8,6 +8,7 @@ reused workers (joblib's loky) would abort the whole sweep instead. SIGTERM or C
 the running jobs, which save their checkpoints; no new job starts, and the sweep exits with 128 + the signal.
 """
 
+import importlib
 import json
 import logging
 import multiprocessing
@@ -65,6 +66,8 @@ class ProcessesLauncher(Launcher):
         if not jobs:
             return {}
         threads = max(1, (os.cpu_count() or 1) // min(self.n_jobs, len(jobs)))
+        # every job's optimiser imports torch._dynamo (seconds); imported here once, each forked job inherits it
+        importlib.import_module("torch._dynamo")
         # fork: the job processes inherit the task function and the composed configs as they are in memory
         context = multiprocessing.get_context("fork")
         pending = list(jobs)

@@ -85,9 +85,9 @@ class StackedLauncher(ProcessesLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         stacks, alone = self.group(list(enumerate(job_overrides, start=initial_job_idx)))
         listed = ", ".join(f"{len(s)} members (jobs {' '.join(str(i) for i, *_ in s)}) on {d}" for d, s in stacks)
-        listed = f": {listed}" if listed else ""
+        listed = f"{len(stacks)} stack{'s' * (len(stacks) != 1)}" + (f": {listed}" if listed else "")
         log.info(
-            f"Launching {len(job_overrides)} jobs in {sweep_dir}: {len(stacks)} stacks{listed}; "
+            f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}; "
             f"{len(alone)} jobs alone, {self.n_jobs} at a time in their own processes"
         )
         results: dict[int, JobReturn] = {}

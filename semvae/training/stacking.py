@@ -17,6 +17,7 @@ the others go on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -176,6 +177,12 @@ def fused_step(requests: Sequence[_Request]) -> None:
             request.terms = {k: v[i] for k, v in terms.items()}
 
 
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """The members' loss weights as one tensor, copied to the device once, not at every step."""
+    return torch.tensor(values, device=device)
+
+
 class _Objective(nn.Module):
     """``VAELoss.terms`` as a module call, so that ``functional_call`` can swap in one member's weights."""
 
@@ -201,8 +208,8 @@ def _stacked_terms(group: Sequence[_Request]) -> dict[str, Tensor]:
     x = torch.stack([r.x for r in group])
     noise = torch.stack([r.noise for r in group])
     directions = torch.stack([r.directions for r in group]) if lead.directions is not None else None
-    beta = torch.tensor([r.loss.beta for r in group], device=device)
-    weight = torch.tensor([r.loss.semantic_weight for r in group], device=device)
+    beta = _on_device(tuple(r.loss.beta for r in group), device)
+    weight = _on_device(tuple(r.loss.semantic_weight for r in group), device)
 
     def member_terms(p, x, noise, directions, beta, weight):
         return torch.func.functional_call(objective, p, (x, noise, directions, beta, weight))

@@ -4,7 +4,8 @@
 losses read back to the host only at log points), then validation. What happens around the loop (checkpoints,
 metrics, images, the progress bar) is a ``Callback`` in ``semvae/training/callbacks.py``; the loop only decides
 when. A resumed run continues with the same model, optimiser, schedule, position in the epoch and random-generator
-states, so on a CPU it matches an uninterrupted run bit for bit.
+states, so on a CPU it matches an uninterrupted run bit for bit. A Trainer that is a member of a stack of runs
+(``semvae/training/stacking.py``) hands its step's loss and gradient to the stack and does everything else itself.
 """
 
 from __future__ import annotations

@@ -229,12 +229,9 @@ class VAELoss:
     def fusion_key(self) -> tuple:
         """What must be equal for runs to share one vectorised call: the shapes and the branches taken. beta,
         lambda and the directions (kind, step) may differ between them."""
-        semantic = self.features is not None
-        return (
-            (semantic, self.n_directions, self.n_points, self.normalize, self.eps, self.reduced_precision)
-            if (semantic)
-            else (False,)
-        )
+        if self.features is None:
+            return ("elbo",)
+        return ("semantic", self.n_directions, self.n_points, self.normalize, self.eps, self.reduced_precision)
 
 
 @dataclass

@@ -104,7 +104,8 @@ def test_members_of_a_stack_end_where_they_would_alone(stacked, alone):
 
 def test_a_crashed_then_stopped_stack_resumes_every_member_exactly(tmp_path, weights_dir, stacked, monkeypatch):
     """A crash inside the fused step at step 8 (as kill -9 would leave it: last.pt of step 5) and, on the rerun, a
-    stop signal at step 12; the third run ends every member bit for bit where the uninterrupted stack ended."""
+    stop signal in the middle of a round; the third run ends every member bit for bit where the uninterrupted stack
+    ended."""
     calls = {"n": 0}
     fused = stacking.fused_step
 
@@ -120,18 +121,23 @@ def test_a_crashed_then_stopped_stack_resumes_every_member_exactly(tmp_path, wei
     assert all("killed" in str(error) for _, error in run_stacked(stack_jobs(weights_dir, tmp_path)))
     assert {checkpoints.load(tmp_path / n / "last.pt")["step"] for n in MEMBERS} == {5}
 
-    def stop_at_12(requests):  # 7 steps after the resume from step 5
-        calls["n"] += 1
-        if calls["n"] == 8 + 7:
-            StopFlag._active.signum = signal.SIGTERM
-        fused(requests)
+    run_until_step = stacking._Member.run_until_step
+    turns = {"n": 0}
 
-    monkeypatch.setattr(stacking, "fused_step", stop_at_12)
+    def stop_after_the_first_member_of_a_round(member):  # the signal comes while the round's members take turns
+        run_until_step(member)
+        turns["n"] += 1
+        if turns["n"] == 3 * 7 + 1:
+            StopFlag._active.signum = signal.SIGTERM
+
+    monkeypatch.setattr(stacking, "fused_step", fused)
+    monkeypatch.setattr(stacking._Member, "run_until_step", stop_after_the_first_member_of_a_round)
     with StopFlag():
         outcomes = run_stacked(stack_jobs(weights_dir, tmp_path))
     assert all(isinstance(error, StopRequested) for _, error in outcomes)
-    assert {read_summary(tmp_path / n)["stopped_at_step"] for n in MEMBERS} == {12}
+    assert {read_summary(tmp_path / n)["stopped_at_step"] for n in MEMBERS} == {13}  # all after the same step
 
+    monkeypatch.setattr(stacking._Member, "run_until_step", run_until_step)
     monkeypatch.setattr(stacking, "fused_step", fused)
     assert [error for _, error in run_stacked(stack_jobs(weights_dir, tmp_path))] == [None] * len(MEMBERS)
     for name in MEMBERS:

@@ -86,10 +86,13 @@ class StackedLauncher(ProcessesLauncher):
         stacks, alone = self.group(list(enumerate(job_overrides, start=initial_job_idx)))
         listed = ", ".join(f"{len(s)} members (jobs {' '.join(str(i) for i, *_ in s)}) on {d}" for d, s in stacks)
         listed = f"{len(stacks)} stack{'s' * (len(stacks) != 1)}" + (f": {listed}" if listed else "")
-        log.info(
-            f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}; "
-            f"{len(alone)} jobs alone, {self.n_jobs} at a time in their own processes"
-        )
+        if alone:
+            listed += f"; {len(alone)} jobs alone, {self.n_jobs} at a time in their own processes"
+            if not self.on_cpu and any(device_of(config) == "cpu" for *_, config in alone):
+                listed += " (jobs on the CPU run alone unless hydra.launcher.on_cpu=true; README 'Speed')"
+        else:
+            listed += "; 0 jobs alone"
+        log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}")
         results: dict[int, JobReturn] = {}
         for _, stack in stacks:
             results.update(self.run_stack(stack))

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from semvae import stopping
 from semvae.losses import TrainingStep, VAELoss
 from semvae.runtime import autocast
 
@@ -97,6 +98,8 @@ class _Member:
         self.result: Any = None
         self.error: BaseException | None = None
         self.saved: tuple | None = None
+        self.stopping = False  # the stop flag as the driver read it at the start of this round
+        self.at_barrier = False  # training finished; waits until no member trains any more
         self.thread = threading.Thread(target=self._main, name=f"stack-member-{index}", daemon=True)
 
     def _main(self) -> None:
@@ -127,15 +130,25 @@ class _Member:
         # the reparameterisation noise, drawn from this run's torch generator exactly as it would draw it alone
         noise = torch.randn(x.shape[0], step_fn.loss.latent_dim, device=x.device)
         self.request = _Request(trainer, x, noise, directions)
+        self._hand_over()
+        request, self.request = self.request, None
+        if request.error is not None:
+            raise request.error
+        return request.terms
+
+    def end_of_training(self) -> None:
+        """(member) Training is done: wait until every member's training is done before going on (to the
+        evaluation, say), so that no member's training time includes another member's evaluation."""
+        self.at_barrier = True
+        self._hand_over()
+        self.at_barrier = False
+
+    def _hand_over(self) -> None:
         self.saved = _capture()
         self.go.clear()
         self.parked.set()
         self.go.wait()
         _restore(self.saved)
-        request, self.request = self.request, None
-        if request.error is not None:
-            raise request.error
-        return request.terms
 
 
 def run_stacked(jobs: Sequence[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
@@ -149,11 +162,16 @@ def run_stacked(jobs: Sequence[Callable[[], Any]]) -> list[tuple[Any, BaseExcept
     try:
         active = members
         while active:
-            for member in active:
+            # a stop signal counts from the start of a round, so every member stops after the same step
+            stop = stopping.requested() is not None
+            training = [m for m in active if not m.at_barrier]
+            for member in training or active:  # past the barrier only when no member trains any more
+                member.stopping = stop
                 member.run_until_step()
             active = [m for m in active if not m.done]
-            if active:
-                fused_step([m.request for m in active])
+            requests = [m.request for m in active if m.request is not None]
+            if requests:
+                fused_step(requests)
     finally:
         _restore(outer)
     for member in members:

@@ -158,6 +158,9 @@ class Trainer:
 
     @property
     def stopping(self) -> bool:
+        member = stacking.current()
+        if member is not None:  # in a stack: as read at the start of the stack's round, the same for every member
+            return member.stopping
         return self.stop is not None and self.stop.signum is not None
 
     @property
@@ -176,7 +179,7 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
-        return FitResult(
+        result = FitResult(
             epochs=s.epochs,
             steps=self.step,
             seconds=self.seconds,
@@ -186,6 +189,10 @@ class Trainer:
             history=self.history,
             last_checkpoint=self.last_checkpoint,
         )
+        member = stacking.current()
+        if member is not None:
+            member.end_of_training()
+        return result
 
     def loop(self) -> None:
         s = self.settings

@@ -43,19 +43,26 @@ class StackedLauncherConf:
 ConfigStore.instance().store(group="hydra/launcher", name="semvae_stacked", node=StackedLauncherConf, provider="semvae")
 
 
-def stack_key(config: DictConfig) -> str | None:
-    """What the jobs of one stack share (their config without ``CARRIED``), or None for a job that is not stacked:
-    another task, a config that does not validate (it fails in its own process, with its own message)."""
-    from semvae.config import TaskName, as_plain, validate
+def typed_config(config: DictConfig):
+    """The job's validated typed config (``semvae.config.Config``), or None when it does not validate."""
+    from semvae.config import validate
 
     task_cfg = copy.deepcopy(config)
     with read_write(task_cfg), open_dict(task_cfg):
         del task_cfg["hydra"]
     try:
-        typed = validate(OmegaConf.to_object(task_cfg))
-    except Exception:  # noqa: BLE001 - reported by the job itself
+        return validate(OmegaConf.to_object(task_cfg))
+    except Exception:  # noqa: BLE001 - reported by the job itself, in its own process
         return None
-    if typed.task.name != TaskName.train_vae:
+
+
+def stack_key(config: DictConfig) -> str | None:
+    """What the jobs of one stack share (their config without ``CARRIED``), or None for a job that is not stacked:
+    another task, a config that does not validate (it fails in its own process, with its own message)."""
+    from semvae.config import TaskName, as_plain
+
+    typed = typed_config(config)
+    if typed is None or typed.task.name != TaskName.train_vae:
         return None
     shared = {k: v for k, v in as_plain(typed).items() if k not in CARRIED}
     return json.dumps(shared, sort_keys=True, default=str)
@@ -93,10 +100,12 @@ class StackedLauncher(ProcessesLauncher):
         else:
             listed += "; 0 jobs alone"
         log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}")
-        results: dict[int, JobReturn] = {}
+        # jobs whose config does not validate first: they fail at once, before the stacks train
+        invalid = [(idx, overrides) for idx, overrides, config in alone if typed_config(config) is None]
+        results: dict[int, JobReturn] = self.run_jobs(invalid)
         for _, stack in stacks:
             results.update(self.run_stack(stack))
-        results.update(self.run_jobs([(idx, overrides) for idx, overrides, _ in alone]))
+        results.update(self.run_jobs([(idx, overrides) for idx, overrides, _ in alone if idx not in results]))
         return [results[i] for i in sorted(results)]
 
     def group(self, jobs: list[tuple[int, Sequence[str]]]):

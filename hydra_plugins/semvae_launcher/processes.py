@@ -52,14 +52,19 @@ class ProcessesLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        sweep_dir = self.prepare()
+        log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}, {self.n_jobs} at a time in their own processes")
+        results = self.run_jobs(list(enumerate(job_overrides, start=initial_job_idx)))
+        return [results[i] for i in sorted(results)]
+
+    def prepare(self) -> Path:
+        """Hydra's globals and the launcher's logging, and the sweep folder (returned), as every launch needs them."""
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}, {self.n_jobs} at a time in their own processes")
-        results = self.run_jobs(list(enumerate(job_overrides, start=initial_job_idx)))
-        return [results[i] for i in sorted(results)]
+        return sweep_dir
 
     def run_jobs(self, jobs: list[tuple[int, Sequence[str]]]) -> dict[int, JobReturn]:
         """Run the numbered jobs ``(number, overrides)``, ``n_jobs`` at a time; their results by number."""

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.semvae_launcher.processes import ProcessesLauncher
@@ -85,11 +85,7 @@ class StackedLauncher(ProcessesLauncher):
         self.max_members, self.on_cpu = max_members, on_cpu
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.prepare()
         stacks, alone = self.group(list(enumerate(job_overrides, start=initial_job_idx)))
         listed = ", ".join(f"{len(s)} members (jobs {' '.join(str(i) for i, *_ in s)}) on {d}" for d, s in stacks)
         listed = f"{len(stacks)} stack{'s' * (len(stacks) != 1)}" + (f": {listed}" if listed else "")

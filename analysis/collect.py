@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from semvae.losses import variant_of
+from semvae.variants import variant_of
 
 BASE_COLUMNS = ["source", "run", "run_dir", "status", "variant"]
 

@@ -35,8 +35,8 @@ from semvae.data import load_split
 from semvae.evaluation import metrics as ev
 from semvae.evaluation.report import markdown
 from semvae.evaluation.suite import select
-from semvae.losses import run_name
 from semvae.runtime import resolve_device
+from semvae.variants import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("VAE", "b5-VAE", "semanticVAE")

@@ -206,7 +206,7 @@ class EvaluationConfig:
 @dataclass
 class Config:
     seed: int = 0
-    name: str = "VAE"  # run name; conf/config.yaml derives it from the loss setting (semvae.losses.run_name)
+    name: str = "VAE"  # run name; conf/config.yaml derives it from the loss setting (semvae.variants.run_name)
     # summary keys run.py returns, in order, for a sweeper to optimise (e.g. Optuna): [test/mse, ...]
     objectives: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,7 +238,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from semvae.losses import run_name
+    from semvae.variants import run_name
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

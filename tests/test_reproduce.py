@@ -8,8 +8,8 @@ import logging
 from analysis.collect import collect_runs
 from analysis.report import write_report
 from semvae import checkpoints
-from semvae.tasks.reproduce import passed_on
-from tests.conftest import preflight, run_in_process
+from semvae.tasks.reproduce import Composer, passed_on
+from tests.conftest import ROOT, compose_config, preflight, run_in_process
 
 SMOKE = (
     "trainer=smoke",
@@ -32,6 +32,23 @@ SMOKE = (
 def test_overrides_a_stage_sets_itself_are_not_passed_on():
     given = ["experiment=reproduce", "seed=3", "reproduce.seeds=[0]", "trainer.epochs=2", "+foo.bar=1", "variant=beta"]
     assert passed_on(given) == ["trainer.epochs=2", "+foo.bar=1"]
+
+
+def test_a_stage_config_is_the_one_its_overrides_compose_to():
+    """Hydra composes a variant once for all its seeds; each seed's config is still the one run.py would run."""
+    from hydra import initialize_config_dir
+
+    common = ["trainer=smoke", "model.widths=[8,8,16]"]
+    overrides = ["task=train_vae", "variant=beta", "trainer.epochs=3"]
+    values = {"seed": 2, "task.export": "/w/seeds/b5-VAE_seed2_epoch3.pth"}
+    expected = compose_config(*common, *overrides, "seed=2", "task.export=/w/seeds/b5-VAE_seed2_epoch3.pth")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        compose = Composer(common)
+        seed0 = compose(overrides)
+        assert compose(overrides, values) == expected
+        assert compose(overrides) == seed0  # setting one stage's values leaves the shared composition as it was
+        assert len(compose.composed) == 1
+    assert seed0.seed == 0 and expected.seed == 2 and expected.task.export.endswith("seed2_epoch3.pth")
 
 
 def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp_path, caplog):

@@ -36,28 +36,17 @@ def _jobs(sweep):
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-def _span(job):
-    """When a job's run.log says it started and ended."""
-    stamps = [line[1:24] for line in (job / "run.log").read_text().splitlines() if line.startswith("[20")]
+def _span(job, skip=0):
+    """When a job's run.log says it started and ended, reading from character ``skip`` on (an attempt's lines)."""
+    lines = (job / "run.log").read_text()[skip:].splitlines()
+    stamps = [line[1:24] for line in lines if line.startswith("[20")]
     return datetime.fromisoformat(stamps[0].replace(",", ".")), datetime.fromisoformat(stamps[-1].replace(",", "."))
 
 
 @pytest.mark.slow
-def test_local_launcher_runs_jobs_at_the_same_time_without_oversubscribing(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_py("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
-    jobs = _jobs(sweep)
-    assert len(jobs) == 2
-    for job in jobs:
-        summary = read_summary(job)
-        assert summary["status"] == "finished"
-        assert summary["torch_threads"] == max(1, os.cpu_count() // 2)  # the cores shared between 2 jobs
-    (start0, end0), (start1, end1) = (_span(job) for job in jobs)
-    assert start1 < end0 and start0 < end1  # they overlapped
-
-
-@pytest.mark.slow
 def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_hold(tmp_path, weights_dir):
+    """The local launcher: a job killed with SIGKILL and one that fails fail alone; the same command then runs both
+    at the same time, each job with its share of the cores, and clears the errors."""
     sweep, weights = tmp_path / "sweep", tmp_path / "weights"
     weights.mkdir()  # no classifier yet: the semantic job fails
     args = [
@@ -93,9 +82,14 @@ def test_a_killed_job_fails_alone_and_a_rerun_clears_the_errors_that_no_longer_h
     assert len(json.loads((sweep / "failures.json").read_text())) == 2
 
     shutil.copy(weights_dir / "classifier.pth", weights / "classifier.pth")
+    logged = [len((job / "run.log").read_text()) for job in _jobs(sweep)]
     run_py(*args)  # the same sweep again: job 0 resumes, job 1 now finds its classifier
-    assert [read_summary(job)["status"] for job in _jobs(sweep)] == ["finished", "finished"]
+    jobs = _jobs(sweep)
+    assert [read_summary(job)["status"] for job in jobs] == ["finished", "finished"]
     assert not list(sweep.glob("*/error.txt")) and not (sweep / "failures.json").exists()
+    assert [read_summary(job)["torch_threads"] for job in jobs] == [max(1, os.cpu_count() // 2)] * 2  # shared cores
+    (start0, end0), (start1, end1) = (_span(job, skip) for job, skip in zip(jobs, logged, strict=True))
+    assert start1 < end0 and start0 < end1  # the two jobs of the rerun overlapped
 
 
 @pytest.mark.slow

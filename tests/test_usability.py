@@ -3,7 +3,7 @@ and reports that refuse to report on nothing."""
 
 import pytest
 
-from semvae.losses import SEMANTIC_PRESET_WEIGHT, run_name
+from semvae.variants import SEMANTIC_PRESET_WEIGHT, run_name
 from tests.conftest import compose_config
 
 

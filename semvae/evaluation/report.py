@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semvae.evaluation.metrics import prior_norm
-
-if TYPE_CHECKING:  # pandas and matplotlib are imported where a table or figure is made, not with the package
+if TYPE_CHECKING:  # pandas, matplotlib and torch are imported where a table or figure is made, not with the package
     import pandas as pd
     from matplotlib.figure import Figure
 
@@ -73,6 +71,8 @@ def latent_norm_density(ax, norms: pd.DataFrame, hue: str, hue_order: list[str],
     """On ``ax``: the density of ||mu(x)|| (column "norm") per ``hue``, with the prior's norm distribution chi(L)
     dashed for every latent size L, in one legend."""
     import seaborn as sns
+
+    from semvae.evaluation.metrics import prior_norm
 
     sns.kdeplot(data=norms, x="norm", hue=hue, hue_order=hue_order, common_norm=False, fill=True, alpha=0.2, ax=ax)
     top = max([float(norms["norm"].max())] + [2 * math.sqrt(d) for d in latent_dims])

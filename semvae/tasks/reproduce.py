@@ -15,12 +15,13 @@ every VAE file; ``python -m analysis.report <run dir>/evaluation`` turns it into
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, validate
 from semvae.tasks.checks import check_inputs
@@ -37,9 +38,10 @@ STAGE_KEYS = ("experiment", "task", "variant", "seed", "classifier", "reproduce"
 @dataclass
 class Stage:
     name: str  # folder under the reproduce run dir
-    overrides: list[str]
+    overrides: list[str]  # what Hydra composes: the same for every seed of a variant
     output: Path  # the model file it exports; the stage is done when it exists
     vae: bool  # trains a VAE (evaluated at the end), else a classifier
+    values: dict[str, Any] = field(default_factory=dict)  # plain keys set on the composed config (seed, export)
 
 
 def vae_file(cfg: Config, name: str, seed: int) -> Path:
@@ -74,28 +76,42 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
         for variant in r.variants:
             name = variant_names[variant]
             output = vae_file(cfg, name, seed)
-            overrides = [
-                "task=train_vae",
-                f"variant={variant}",
-                f"seed={seed}",
-                f"trainer.epochs={r.epochs}",
-                f"task.export={output}",
-            ]
-            stages.append(Stage(f"{name}_s{seed}", overrides, output, vae=True))
+            values = {"seed": seed, "task.export": str(output)}
+            stages.append(Stage(f"{name}_s{seed}", vae_overrides(cfg, variant), output, vae=True, values=values))
     return stages
 
 
-def compose(overrides: list[str]) -> Config:
-    """A stage's typed, validated config, composed from conf/ as ``python run.py <overrides>`` would; a choice
-    that conf/ does not have fails with Hydra's message, which lists the options."""
-    from hydra import compose as hydra_compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def vae_overrides(cfg: Config, variant: str) -> list[str]:
+    return ["task=train_vae", f"variant={variant}", f"trainer.epochs={cfg.reproduce.epochs}"]
 
-    try:
-        return validate(OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides)))
-    except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(f"reproduce: a stage with overrides {overrides} does not compose: {error}") from None
+
+class Composer:
+    """Stage configs as ``python run.py <overrides> <key>=<value> ...`` would compose them: Hydra composes each
+    distinct list of overrides once (the seeds of a variant share one), and the plain keys are then set on a copy,
+    as Hydra sets a value override. A choice that conf/ does not have fails with Hydra's message, which lists the
+    options."""
+
+    def __init__(self, common: list[str]):
+        self.common = common
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def __call__(self, overrides: list[str], values: dict[str, Any] | None = None) -> Config:
+        from hydra import compose as hydra_compose
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        overrides = self.common + overrides
+        try:
+            key = tuple(overrides)
+            if key not in self.composed:
+                self.composed[key] = hydra_compose(config_name="config", overrides=overrides)
+            cfg = copy.deepcopy(self.composed[key])
+            for name, value in (values or {}).items():
+                OmegaConf.update(cfg, name, value, merge=False)
+            return validate(OmegaConf.to_object(cfg))
+        except (HydraException, OmegaConfBaseException) as error:
+            given = overrides + [f"{k}={v}" for k, v in (values or {}).items()]
+            raise ConfigError(f"reproduce: a stage with overrides {given} does not compose: {error}") from None
 
 
 def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
@@ -103,14 +119,12 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(run_dir)
-    common = passed_on(list(HydraConfig.get().overrides.task))
-    names = {v: compose(common + [f"variant={v}"]).name for v in cfg.reproduce.variants}
+    compose = Composer(passed_on(list(HydraConfig.get().overrides.task)))
+    names = {v: compose(vae_overrides(cfg, v)).name for v in cfg.reproduce.variants}
     stages = plan(cfg, names)
-    configs = [compose(common + s.overrides) for s in stages]  # every stage's config is checked before any work
+    configs = [compose(s.overrides, s.values) for s in stages]  # every stage's config is checked before any work
     vae_files = [s.output for s in stages if s.vae]
-    evaluation = compose(
-        common + ["task=evaluate", "evaluation.checkpoints=[" + ",".join(f"'{p}'" for p in vae_files) + "]"]
-    )
+    evaluation = compose(["task=evaluate", "evaluation.checkpoints=[" + ",".join(f"'{p}'" for p in vae_files) + "]"])
     group = group or "reproduce"
     done = []
     for stage, stage_cfg in zip(stages, configs, strict=True):

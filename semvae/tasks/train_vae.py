@@ -11,12 +11,13 @@ from torch import Tensor
 from semvae import checkpoints
 from semvae.config import Config, as_plain
 from semvae.evaluation.metrics import squared_errors
-from semvae.losses import TrainingStep, VAELoss, variant_of
+from semvae.losses import TrainingStep, VAELoss
 from semvae.models import ResNetVAE
 from semvae.stopping import StopRequested
 from semvae.tasks.common import finish_training, load_classifier, setup, tracked_training, training_data
 from semvae.tasks.evaluate import evaluate_trained
 from semvae.tracking import Tracker
+from semvae.variants import variant_of
 
 
 def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:

@@ -23,23 +23,25 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+# torch-free imports only: a config that does not validate is refused before torch is imported (seconds)
 from semvae import rundir  # noqa: E402
-from semvae.checkpoints import CheckpointError  # noqa: E402
 from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
-from semvae.data import DataError  # noqa: E402
 from semvae.stopping import StopFlag, StopRequested  # noqa: E402
 from semvae.sweep import clear_failure, record_failure  # noqa: E402
-from semvae.tasks import TASKS  # noqa: E402
-from semvae.tasks.checks import check_inputs  # noqa: E402
-from semvae.training import NonFiniteLossError  # noqa: E402
 
 log = logging.getLogger("run")
 register_configs()
 rundir.register_resolver()
 
 CONF = Path(__file__).resolve().parent / "conf"
-# errors of the user's input: one line, exit status 2, nothing run
-INPUT_ERRORS = (ConfigError, DataError, CheckpointError, rundir.RunDirBusy)
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The errors of the user's input: one line, exit status 2, nothing run."""
+    from semvae.checkpoints import CheckpointError
+    from semvae.data import DataError
+
+    return (ConfigError, DataError, CheckpointError, rundir.RunDirBusy)
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -49,12 +51,14 @@ def sweep_group(sweep_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | list[float] | None:
+    from semvae.training import NonFiniteLossError
+
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         return run_sweep_job(cfg, hc)
     try:
         return run_task(cfg, hc.runtime.output_dir, group=None)
-    except INPUT_ERRORS as error:
+    except input_errors() as error:
         fail(error, status=2)
     except NonFiniteLossError as error:
         log.error("%s; the last good checkpoint is kept in %s", error, hc.runtime.output_dir)
@@ -92,6 +96,8 @@ def run_dir_override(path: str) -> str:
 def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[float]:
     """Run the chosen task, holding its run dir and turning stop signals into a checkpoint-and-exit; return its
     summary, or the ``objectives`` values when a sweeper optimises them."""
+    from semvae.tasks import TASKS
+
     with rundir.held(run_dir), StopFlag():  # the lock first: a folder in use is not read for a resume check
         config = checked_config(cfg, run_dir)
         log.info("task=%s name=%s in %s", config.task.name.value, config.name, Path(run_dir).resolve())
@@ -106,7 +112,9 @@ def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[fl
 
 def checked_config(cfg: DictConfig, run_dir: str):
     """The typed config, checked with the files it needs: ConfigError, CheckpointError or DataError otherwise."""
-    config = validate(OmegaConf.to_object(cfg))
+    config = validate(OmegaConf.to_object(cfg))  # before check_inputs imports torch
+    from semvae.tasks.checks import check_inputs
+
     check_inputs(config, run_dir)
     return config
 
@@ -171,10 +179,16 @@ def preflight(args: list[str]) -> str | None:
         rundir.check_free(run_dir)
         checked_config(cfg, run_dir)
         rundir.hold(run_dir)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ConfigError, rundir.RunDirBusy) as error:  # matched first: input_errors() imports torch
+        refuse(error)
+    except input_errors() as error:
+        refuse(error)
     return run_dir
+
+
+def refuse(error: BaseException) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def composition_error(error: Exception) -> str:

@@ -196,15 +196,21 @@ def train_loop(run_dir: Path, model, train, val, step_fn, eval_fn, *, resume=Non
     return trainer.fit(resume)
 
 
-def run_py(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+def run_py(
+    *overrides: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python run.py OVERRIDES`` in a process of its own, with the test data and no W&B network, as a user would
-    type it (tier 3: for tests whose point is the process)."""
-    env = os.environ | {
-        "SEMVAE_DATA_DIR": str(DATA_DIR),
-        "WANDB_ERROR_REPORTING": "false",
-        "WANDB_MODE": "offline",
-        "HYDRA_FULL_ERROR": "0",
-    }
+    type it (tier 3: for tests whose point is the process); ``env`` adds environment variables."""
+    env = (
+        os.environ
+        | {
+            "SEMVAE_DATA_DIR": str(DATA_DIR),
+            "WANDB_ERROR_REPORTING": "false",
+            "WANDB_MODE": "offline",
+            "HYDRA_FULL_ERROR": "0",
+        }
+        | (env or {})
+    )
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *overrides],

@@ -88,9 +88,12 @@ def test_out_of_range_values_are_rejected_with_the_key(override, message):
 
 @pytest.mark.slow
 def test_run_py_rejects_bad_input_before_any_training(tmp_path):
-    proc = run_py("loss.beta=-1", f"hydra.run.dir={tmp_path}/a", check=False)
-    assert proc.returncode == 2 and "loss.beta=-1.0: must be >= 0" in proc.stderr
+    # Python's import log on stderr shows what the process imported before it refused
+    proc = run_py("loss.beta=-1", f"hydra.run.dir={tmp_path}/a", check=False, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 2 and "error: loss.beta=-1.0: must be >= 0" in proc.stderr
     assert not (tmp_path / "a").exists()  # refused before Hydra makes the run dir
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "hydra" in imported and "torch" not in imported  # a wrong value is refused before torch is loaded
 
 
 def test_a_misspelt_key_or_a_missing_classifier_is_refused_before_hydra_starts(tmp_path):

@@ -169,8 +169,7 @@ def preflight(args: list[str]) -> str | None:
             cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
     except (MissingConfigException, ConfigCompositionException) as error:  # an unknown option or a wrong type
-        print(f"error: {composition_error(error)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(composition_error(error))
     except Exception:  # noqa: BLE001 - anything else is Hydra's to report, in its own words
         return None
     with open_dict(cfg):
@@ -186,8 +185,9 @@ def preflight(args: list[str]) -> str | None:
     return run_dir
 
 
-def refuse(error: BaseException) -> None:
-    print(f"error: {error}", file=sys.stderr)
+def refuse(message: object) -> None:
+    """Refuse the run before Hydra starts: one line on stderr, exit status 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -222,8 +222,7 @@ def check_override_keys(args: list[str]) -> None:
             continue
         message = unknown_key_message(override.key_or_group, groups)
         if message is not None:
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2)
+            refuse(message)
 
 
 if __name__ == "__main__":

@@ -390,12 +390,16 @@ def test_report_reads_a_wandb_project(monkeypatch, tmp_path):
 def test_notebook_executes_on_the_fixtures(notebook, pngs, tmp_path, monkeypatch):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
     monkeypatch.setenv("SEMVAE_RUNS", str(FIXTURES))
     monkeypatch.setenv("SEMVAE_FIGURES", str(tmp_path))
     nb = jupytext.read(ROOT / "analysis" / f"{notebook}.py")
+    nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint('torch imported:', 'torch' in sys.modules)"))
     nbclient.NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     ).execute()
+    assert nb.cells[-1].outputs[0]["text"] == "torch imported: False\n"  # analysis/ needs pandas, not torch
+    nb.cells.pop()
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     assert sum("image/png" in out.get("data", {}) for out in outputs) == len(pngs)

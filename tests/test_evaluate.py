@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from semvae.evaluation import metrics as ev
+from semvae.evaluation.report import prior_norm
 from semvae.losses import mean_squared_change, semantic_variance_per_direction
 from semvae.models import ResNetVAE
 
@@ -64,7 +65,7 @@ def test_active_units_count_dims_that_vary_over_the_data():
 def test_prior_norm_is_the_norm_of_standard_normal_codes():
     for dof in (1, 2, 16):
         norms = torch.randn(200_000, dof, generator=torch.Generator().manual_seed(dof), dtype=torch.float64).norm(dim=1)
-        prior = ev.prior_norm(dof)
+        prior = prior_norm(dof)
         assert prior.mean() == pytest.approx(norms.mean().item(), rel=5e-3)
         r = torch.linspace(0, 12, 20001, dtype=torch.float64).numpy()
         assert float(torch.trapezoid(torch.from_numpy(prior.pdf(r)), torch.from_numpy(r))) == pytest.approx(1, abs=1e-3)

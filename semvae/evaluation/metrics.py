@@ -196,13 +196,6 @@ def active_units(mu: Tensor, threshold: float = 0.01) -> int:
     return int((mu.var(dim=0, unbiased=True) > threshold).sum().item())
 
 
-def prior_norm(latent_dim: int):
-    """The distribution of ||z|| for z ~ N(0, I_L) under the prior: chi with L degrees of freedom (scipy)."""
-    from scipy import stats
-
-    return stats.chi(latent_dim)
-
-
 def _discretize(values: Tensor, bins: int) -> Tensor:
     """Equal-width histogram bins per column, (N, C) -> integer codes in [0, bins)."""
     lo, hi = values.min(dim=0).values, values.max(dim=0).values

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pandas, matplotlib and torch are imported where a table or figure is made, not with the package
+if TYPE_CHECKING:  # pandas and matplotlib are imported where a table or figure is made; torch never (analysis/)
     import pandas as pd
     from matplotlib.figure import Figure
 
@@ -67,12 +67,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return markdown(["model"] + [label for _, label in columns], cells)
 
 
+def prior_norm(latent_dim: int):
+    """The distribution of ||z|| for z ~ N(0, I_L) under the prior: chi with L degrees of freedom (scipy); its mean
+    is the table's "prior E||z||" and its density is drawn in every latent-norm figure."""
+    from scipy import stats
+
+    return stats.chi(latent_dim)
+
+
 def latent_norm_density(ax, norms: pd.DataFrame, hue: str, hue_order: list[str], latent_dims: list[int]) -> None:
     """On ``ax``: the density of ||mu(x)|| (column "norm") per ``hue``, with the prior's norm distribution chi(L)
     dashed for every latent size L, in one legend."""
     import seaborn as sns
-
-    from semvae.evaluation.metrics import prior_norm
 
     sns.kdeplot(data=norms, x="norm", hue=hue, hue_order=hue_order, common_norm=False, fill=True, alpha=0.2, ax=ax)
     top = max([float(norms["norm"].max())] + [2 * math.sqrt(d) for d in latent_dims])

@@ -20,7 +20,7 @@ from semvae import checkpoints
 from semvae.config import Config, ConfigError, JudgeName
 from semvae.data import Split, load_split
 from semvae.evaluation import metrics as ev
-from semvae.evaluation import morpho
+from semvae.evaluation import morpho, report
 from semvae.models import Classifier, ResNetVAE
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def evaluate_model(
     metrics["neg_elbo"], metrics["neg_elbo_se"] = ev.mean_and_se(ev.negative_elbo(vae, test_images, seed, batch_size))
     norms = mu.norm(dim=1)
     metrics["latent_norm_mean"], metrics["latent_norm_std"] = norms.mean().item(), norms.std().item()
-    metrics["prior_norm_mean"] = float(ev.prior_norm(vae.latent_dim).mean())
+    metrics["prior_norm_mean"] = float(report.prior_norm(vae.latent_dim).mean())
     metrics["active_units"] = ev.active_units(mu)
     metrics["latent_dim"] = vae.latent_dim
     if "train" in judges.classifiers:

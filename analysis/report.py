@@ -129,7 +129,8 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
     if chosen is not None:
         verdict = f"lambda = {chosen:g}"
     elif table["qualifies"].isna().any():
-        verdict = "undecided: the rule needs at least two seeds of lambda = 0 and of every lambda"
+        pending = ", ".join(f"{w:g}" for w in table.index[table["qualifies"].isna()])
+        verdict = f"undecided: the rule needs a second seed of lambda = {pending} (and of lambda = 0)"
     else:
         verdict = "none qualifies: keep lambda = 0 (no semantic term)"
     rows = [

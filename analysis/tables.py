@@ -211,11 +211,13 @@ def choose_semantic_weight(
     """The rule that picks the semantic preset's lambda, fixed before any sweep is read. Among the settings with
     this ``beta`` and lambda > 0, a setting qualifies when its MSE is, with ``confidence``, at most ``tolerance``
     above the lambda = 0 model's: the upper end of the Welch interval of (its MSE - the lambda = 0 MSE) is at most
-    ``tolerance`` x the lambda = 0 mean MSE. Of the qualifying settings, the lowest mean ``gsv`` wins.
+    ``tolerance`` x the lambda = 0 mean MSE. Of the qualifying settings, the lowest mean ``gsv`` wins, unless a
+    setting with one seed (no interval yet, so neither in nor out) has a lower mean ``gsv``: it could still win, and
+    the choice waits for its second seed.
 
-    Returns (lambda, or None when no setting qualifies; the table the rule read, one row per lambda > 0: means,
-    the MSE difference with its half-width, the allowed excess, whether it qualifies: None where a side has one
-    seed, so that no interval can be formed)."""
+    Returns (lambda, or None when no setting qualifies or the choice waits; the table the rule read, one row per
+    lambda > 0: means, the MSE difference with its half-width, the allowed excess, whether it qualifies: None where a
+    side has one seed, so that no interval can be formed)."""
     runs = frame[pd.to_numeric(frame["loss.beta"], errors="coerce") == beta]
     weights = pd.to_numeric(runs["loss.semantic_weight"], errors="coerce")
     base = pd.to_numeric(runs.loc[weights == 0, mse], errors="coerce").dropna()
@@ -239,4 +241,9 @@ def choose_semantic_weight(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "loss.semantic_weight"
     qualified = table[table["qualifies"] == True] if not table.empty else table  # noqa: E712 - None is not True
-    return (float(qualified[gsv].idxmin()) if not qualified.empty else None), table
+    if qualified.empty:
+        return None, table
+    best = qualified[gsv].idxmin()
+    if (table["qualifies"].isna() & (table[gsv] < table.loc[best, gsv])).any():  # could still beat the best
+        return None, table
+    return float(best), table

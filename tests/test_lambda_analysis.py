@@ -66,6 +66,13 @@ def test_the_preset_rule_takes_the_most_consistent_lambda_whose_mse_stays_within
     chosen, table = choose_semantic_weight(sweep)
     assert chosen == 10.0 and list(table["qualifies"]) == [True, False]
     assert choose_semantic_weight(sweep, tolerance=0.25)[0] == 100.0  # a looser rule takes the more consistent one
+    # a lambda with one seed is neither in nor out: it holds the choice back only where it could still win
+    one_seed = lambda w, g: pd.DataFrame(  # noqa: E731
+        [{"loss.beta": 1.0, "loss.semantic_weight": w, "test/mse": 0.0101, "test/gsv_norm_heldout": g}]
+    )
+    chosen, table = choose_semantic_weight(pd.concat([sweep, one_seed(1000.0, 0.10)]))
+    assert chosen is None and table.loc[1000.0, "qualifies"] is None  # its GSV 0.10 is below lambda = 10's 0.40
+    assert choose_semantic_weight(pd.concat([sweep, one_seed(1.0, 0.45)]))[0] == 10.0  # 0.45 cannot beat 0.40
 
 
 def test_the_report_states_the_rule_and_its_choice(tmp_path):
@@ -84,4 +91,4 @@ def test_one_seed_a_lambda_leaves_the_preset_undecided(runs, tmp_path):
     for run in ("0", "3"):  # seed 0 of lambda = 0 and lambda = 10
         __import__("shutil").copytree(FIXTURES / run, one_seed_dir / run)
     report = write_report(one_seed_dir, tmp_path / "report").read_text()
-    assert "needs 2+ seeds" in report and "Chosen: undecided" in report
+    assert "needs 2+ seeds" in report and "Chosen: undecided: the rule needs a second seed of lambda = 10" in report

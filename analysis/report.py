@@ -130,7 +130,7 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
         verdict = f"lambda = {chosen:g}"
     elif table["qualifies"].isna().any():
         pending = ", ".join(f"{w:g}" for w in table.index[table["qualifies"].isna()])
-        verdict = f"undecided: the rule needs a second seed of lambda = {pending} (and of lambda = 0)"
+        verdict = f"undecided: no MSE interval yet for lambda = {pending} (one seed on a side of the comparison)"
     else:
         verdict = "none qualifies: keep lambda = 0 (no semantic term)"
     rows = [

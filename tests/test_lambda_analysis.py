@@ -91,4 +91,4 @@ def test_one_seed_a_lambda_leaves_the_preset_undecided(runs, tmp_path):
     for run in ("0", "3"):  # seed 0 of lambda = 0 and lambda = 10
         __import__("shutil").copytree(FIXTURES / run, one_seed_dir / run)
     report = write_report(one_seed_dir, tmp_path / "report").read_text()
-    assert "needs 2+ seeds" in report and "Chosen: undecided: the rule needs a second seed of lambda = 10" in report
+    assert "needs 2+ seeds" in report and "Chosen: undecided: no MSE interval yet for lambda = 10" in report

@@ -15,8 +15,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from analysis.tables import comparison_table, variant_rank
+from analysis.tables import comparison_table, raw_term, variant_rank
 from semvae.evaluation.report import latent_norm_density, save_figure
+from semvae.variants import run_name
 
 BETA, SEMANTIC_WEIGHT = "loss.beta", "loss.semantic_weight"
 
@@ -33,6 +34,21 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def _hue_order(variants: pd.Series) -> list[str]:
     """Variants present, in the usual order (vae, beta, semantic, ...), unknown ones after."""
     return sorted(variants.dropna().unique(), key=lambda v: (variant_rank(v), v))
+
+
+def grid_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the beta x lambda grid: every run but those trained with the raw semantic term
+    (``loss.semantic.normalize=false`` at lambda > 0, experiment=semantic_raw). The raw arm is another loss, so the
+    heatmaps and the lambda trends never average it into a grid cell; ``pareto_settings`` draws it beside the grid."""
+    return frame[~raw_term(frame)]
+
+
+def setting_label(run: pd.Series) -> str:
+    """A run's loss setting as its default run name (``VAE``, ``semanticVAE-l100``, ``semanticVAE-l400-raw``), or
+    its variant when the run has no loss weights."""
+    if pd.isna(run.get(BETA)) or pd.isna(run.get(SEMANTIC_WEIGHT)):
+        return str(run.get("variant"))
+    return run_name(float(run[BETA]), float(run[SEMANTIC_WEIGHT]), not raw_term(run.to_frame().T).iloc[0])
 
 
 def metric_grid(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -76,8 +92,9 @@ TREND_METRICS = (
 
 def lambda_trends(frame: pd.DataFrame, path: str | Path, metrics: Sequence[str] = TREND_METRICS) -> Path:
     """Each metric against the semantic weight lambda (symmetric-log axis, so lambda = 0 is on it), one line per
-    beta: the mean over seeds with its 95% t-interval. Needs at least two values of lambda."""
-    table = setting_table(frame, metrics)
+    beta: the mean over seeds with its 95% t-interval. Needs at least two values of lambda. Runs with the raw
+    semantic term are left out (``grid_runs``)."""
+    table = setting_table(grid_runs(frame), metrics)
     if table[SEMANTIC_WEIGHT].nunique() < 2:
         raise FigureSkipped(f"a single semantic weight ({table[SEMANTIC_WEIGHT].iloc[0]}): no trend to draw")
     present = [m for m in metrics if m in table]
@@ -112,8 +129,11 @@ def pareto_settings(
     ys: Sequence[str] = ("test/gsv_norm_heldout", "test/gsv_norm_morpho"),
 ) -> Path:
     """One point per (beta, lambda) setting: its mean over seeds with 95% t-intervals on both axes, the settings
-    no other setting beats on both means ringed and joined; one panel per GSV judge. Lower is better on both."""
-    table = setting_table(frame, [x, *ys])
+    no other setting beats on both means ringed and joined; one panel per GSV judge. Lower is better on both.
+    Settings trained with the raw semantic term are points of their own (squares, "raw" in their label)."""
+    arms = [(grid_runs(frame), "", "o"), (frame[raw_term(frame)], ", raw term", "s")]
+    tables = [setting_table(runs, [x, *ys]).assign(arm=arm, marker=marker) for runs, arm, marker in arms if len(runs)]
+    table = pd.concat(tables, ignore_index=True)
     panels = [y for y in ys if y in table and x in table]
     if not panels or len(table.dropna(subset=[x])) < 2:
         raise FigureSkipped(f"fewer than 2 settings with {x} and any of {', '.join(ys)}")
@@ -122,20 +142,19 @@ def pareto_settings(
     for ax, y in zip(axes, panels, strict=True):
         points = table.dropna(subset=[x, y])
         front = points[pareto_mask(points, x, y)].sort_values(x)
-        for beta, group in points.groupby(BETA):
+        for (arm, marker, beta), group in points.groupby(["arm", "marker", BETA], sort=False):
             ax.errorbar(
                 group[x],
                 group[y],
                 xerr=group[f"{x} half_width"].fillna(0),
                 yerr=group[f"{y} half_width"].fillna(0),
-                fmt="o",
+                fmt=marker,
                 capsize=3,
-                label=f"beta = {beta:g}",
+                label=f"beta = {beta:g}{arm}",
             )
         for _, row in points.iterrows():
-            ax.annotate(
-                f"λ={row[SEMANTIC_WEIGHT]:g}", (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
+            label = f"λ={row[SEMANTIC_WEIGHT]:g}" + (" raw" if row["arm"] else "")
+            ax.annotate(label, (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.plot(front[x], front[y], color="black", lw=1, drawstyle="steps-post", zorder=1)
         ax.scatter(front[x], front[y], s=160, facecolors="none", edgecolors="black", lw=1.2, label="Pareto-optimal")
         ax.set_xlabel(x)
@@ -150,11 +169,13 @@ def heatmaps(
 ) -> Path:
     """One annotated heatmap per metric: its mean over seeds for each (beta, semantic weight) of a sweep.
 
-    Needs at least two values of each loss weight among the runs that have the metric.
+    Needs at least two values of each loss weight among the runs that have the metric. Runs with the raw
+    semantic term are left out (``grid_runs``).
     """
     missing = [key for key in (BETA, SEMANTIC_WEIGHT) if key not in frame]
     if missing:
         raise FigureSkipped(f"no {', '.join(missing)} column in the runs")
+    frame = grid_runs(frame)
     grids, reasons = {}, []
     for metric in metrics:
         runs = frame.dropna(subset=[metric]) if metric in frame else frame.iloc[:0]
@@ -218,8 +239,9 @@ def pareto_front(frame: pd.DataFrame, path: str | Path, x: str = "test/mse", y: 
 
 
 def load_latent_norms(frame: pd.DataFrame) -> pd.DataFrame:
-    """The latent norms of every run of ``frame`` that has them, long format: run, variant, norm. A run's file is
-    its ``latent_norms`` column (models of an evaluation folder) or ``latent_norms.npy`` in its run dir."""
+    """The latent norms of every run of ``frame`` that has them, long format: run, variant, setting
+    (``setting_label``), norm. A run's file is its ``latent_norms`` column (models of an evaluation folder) or
+    ``latent_norms.npy`` in its run dir."""
     parts = []
     for _, run in frame.iterrows():
         file = run.get("latent_norms")
@@ -227,20 +249,31 @@ def load_latent_norms(frame: pd.DataFrame) -> pd.DataFrame:
             file = Path(run["run_dir"]) / "latent_norms.npy"
         if isinstance(file, str | Path) and Path(file).exists():
             norms = np.load(file).astype(float).ravel()
-            parts.append(pd.DataFrame({"run": run.get("run"), "variant": run.get("variant"), "norm": norms}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "variant", "norm"])
+            labels = {"run": run.get("run"), "variant": run.get("variant"), "setting": setting_label(run)}
+            parts.append(pd.DataFrame({**labels, "norm": norms}))
+    columns = ["run", "variant", "setting", "norm"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def latent_norm_distributions(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Density of ||mu(x)|| per variant (pooled over the runs' ``latent_norms.npy``), with the prior's norm
-    distribution chi(L) for each latent size L = ``model.latent_dim`` as a dashed reference."""
+    """Density of ||mu(x)|| per variant (pooled over the runs' ``latent_norms.npy``), or per loss setting
+    (``setting_label``) when a variant spans several (a lambda sweep), with the prior's norm distribution chi(L) for
+    each latent size L = ``model.latent_dim`` as a dashed reference."""
     norms = load_latent_norms(frame)
     if norms.empty:
         raise FigureSkipped("no run folder has a latent_norms.npy (written when a run is evaluated)")
     with_norms = frame[frame["run"].isin(set(norms["run"]))]
     dims = sorted(int(d) for d in with_norms.get("model.latent_dim", pd.Series(dtype=float)).dropna().unique())
+    if norms.groupby("variant", dropna=False)["setting"].nunique().max() > 1:
+        settings = with_norms.assign(
+            setting=with_norms.apply(setting_label, axis=1), rank=with_norms["variant"].map(variant_rank)
+        )
+        settings = settings.sort_values(["rank", *[k for k in (BETA, SEMANTIC_WEIGHT) if k in settings], "setting"])
+        hue, order = "setting", list(dict.fromkeys(settings["setting"]))
+    else:
+        hue, order = "variant", _hue_order(norms["variant"])
     fig = Figure(figsize=(6.4, 4.2))
-    latent_norm_density(fig.subplots(), norms, "variant", _hue_order(norms["variant"]), dims)
+    latent_norm_density(fig.subplots(), norms, hue, order, dims)
     return _save(fig, path)
 
 
@@ -253,7 +286,8 @@ def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
     if runs.empty:
         raise FigureSkipped("no model has an interpolation grid (written by task=evaluate)")
     runs = runs.sort_values("seed") if "seed" in runs else runs
-    keys = ["variant"] + [k for k in (BETA, SEMANTIC_WEIGHT) if k in runs]  # one grid per loss setting
+    runs = runs.assign(raw=raw_term(runs))
+    keys = ["variant"] + [k for k in (BETA, SEMANTIC_WEIGHT) if k in runs] + ["raw"]  # one grid per loss setting
     chosen = runs.groupby(keys, sort=False, dropna=False).head(1)
     order = {v: i for i, v in enumerate(_hue_order(chosen["variant"]))}
     chosen = chosen.sort_values(keys, key=lambda c: c.map(order) if c.name == "variant" else c).set_index("variant")
@@ -268,7 +302,9 @@ def interpolations(frame: pd.DataFrame, path: str | Path) -> Path:
         label = run.get("model") if isinstance(run.get("model"), str) else variant
         seed = f", seed {int(run['seed'])}" if "seed" in run and pd.notna(run["seed"]) else ""
         weights = (
-            f" (beta {run[BETA]:g}, lambda {run[SEMANTIC_WEIGHT]:g})" if BETA in run and SEMANTIC_WEIGHT in run else ""
+            f" (beta {run[BETA]:g}, lambda {run[SEMANTIC_WEIGHT]:g}{', raw term' if run['raw'] else ''})"
+            if BETA in run and SEMANTIC_WEIGHT in run
+            else ""
         )
         ax.set_title(f"{variant}{weights}: {label}{seed}", fontsize=9)
         ax.set_axis_off()

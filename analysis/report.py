@@ -24,6 +24,7 @@ from analysis.tables import (
     choose_semantic_weight,
     comparison_table,
     difference_table,
+    raw_term,
     to_markdown,
     to_markdown_by_metric,
     variant_rank,
@@ -121,7 +122,7 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
     lambda = 0 and some lambda > 0 (a lambda sweep)."""
     if "loss.beta" not in vaes or "loss.semantic_weight" not in vaes:
         return []
-    at_one = vaes[pd.to_numeric(vaes["loss.beta"], errors="coerce") == 1]
+    at_one = vaes[(pd.to_numeric(vaes["loss.beta"], errors="coerce") == 1) & ~raw_term(vaes)]
     weights = set(pd.to_numeric(at_one["loss.semantic_weight"], errors="coerce").dropna())
     if 0 not in weights or len(weights) < 2 or "test/gsv_norm_heldout" not in at_one or "test/mse" not in at_one:
         return []
@@ -203,6 +204,15 @@ def write_report(
 
     lines += _preset_rule(vaes, confidence)
     lines += ["", "## Figures", ""]
+    raw = vaes[raw_term(vaes)]
+    if len(raw):
+        settings = ", ".join(sorted(set(raw.apply(figures.setting_label, axis=1))))
+        lines += [
+            f"{len(raw)} run(s) trained with the raw semantic term ({settings}): their own rows in the comparison and "
+            "their own points (squares) in pareto_settings; the heatmaps, lambda_trends and the preset rule read the "
+            "runs with the normalised term.",
+            "",
+        ]
     for name, draw in FIGURES.items():
         try:
             written = draw(vaes, out / f"{name}.png")

@@ -44,6 +44,18 @@ VARIANT_ORDER = ("vae", "beta", "semantic", "beta-semantic", "classifier")
 STATS = ("mean", "half_width", "n")
 
 
+def raw_term(frame: pd.DataFrame) -> pd.Series:
+    """Which runs trained with the raw (unnormalised) semantic term: ``loss.semantic.normalize`` false (a bool, or
+    its text as a W&B config may hold it) and lambda > 0. Runs without the key trained with the normalised term,
+    the default since the first version."""
+    if "loss.semantic.normalize" not in frame or "loss.semantic_weight" not in frame:
+        return pd.Series(False, index=frame.index)
+    off = frame["loss.semantic.normalize"].map(
+        lambda v: isinstance(v, bool | np.bool_ | str) and str(v).lower() == "false"
+    )
+    return off & (pd.to_numeric(frame["loss.semantic_weight"], errors="coerce") > 0)
+
+
 def available_metrics(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> list[str]:
     """The metrics of ``metrics`` that at least one run of ``frame`` has a number for."""
     return [m for m in metrics if m in frame and pd.to_numeric(frame[m], errors="coerce").notna().any()]
@@ -215,10 +227,12 @@ def choose_semantic_weight(
     setting with one seed (no interval yet, so neither in nor out) has a lower mean ``gsv``: it could still win, and
     the choice waits for its second seed.
 
+    The preset is a weight of the normalised term, so runs with the raw term (``raw_term``) are left out.
+
     Returns (lambda, or None when no setting qualifies or the choice waits; the table the rule read, one row per
     lambda > 0: means, the MSE difference with its half-width, the allowed excess, whether it qualifies: None where a
     side has one seed, so that no interval can be formed)."""
-    runs = frame[pd.to_numeric(frame["loss.beta"], errors="coerce") == beta]
+    runs = frame[(pd.to_numeric(frame["loss.beta"], errors="coerce") == beta) & ~raw_term(frame)]
     weights = pd.to_numeric(runs["loss.semantic_weight"], errors="coerce")
     base = pd.to_numeric(runs.loc[weights == 0, mse], errors="coerce").dropna()
     if base.empty:

@@ -242,7 +242,11 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    OmegaConf.register_new_resolver("run_name", lambda beta, weight: run_name(float(beta), float(weight)), replace=True)
+    OmegaConf.register_new_resolver(
+        "run_name",
+        lambda beta, weight, normalize=True: run_name(float(beta), float(weight), normalize in (True, "true", "True")),
+        replace=True,
+    )
 
 
 def unknown_key_message(key: str, groups: tuple[str, ...] = ()) -> str | None:

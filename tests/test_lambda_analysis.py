@@ -92,3 +92,49 @@ def test_one_seed_a_lambda_leaves_the_preset_undecided(runs, tmp_path):
         __import__("shutil").copytree(FIXTURES / run, one_seed_dir / run)
     report = write_report(one_seed_dir, tmp_path / "report").read_text()
     assert "needs 2+ seeds" in report and "Chosen: undecided: no MSE interval yet for lambda = 10" in report
+
+
+@pytest.fixture(scope="module")
+def with_raw_arm(tmp_path_factory):
+    """The fixture runs plus a raw-term arm: the three lambda = 10 seeds retrained (in the numbers) with
+    loss.semantic.normalize=false at lambda = 400, a lower held-out GSV (0.30) at a higher MSE (0.020)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("raw_arm")
+    shutil.copytree(FIXTURES, root / "runs")
+    for seed, run in enumerate(("3", "4", "5")):
+        shutil.copytree(FIXTURES / run, root / "runs" / f"raw{seed}")
+        config = json.loads((FIXTURES / run / "config.json").read_text())
+        config["loss"]["semantic"]["normalize"], config["loss"]["semantic_weight"] = False, 400.0
+        summary = json.loads((FIXTURES / run / "summary.json").read_text())
+        summary |= {"test/mse": 0.019 + 0.001 * seed, "test/gsv_norm_heldout": 0.29 + 0.01 * seed}
+        (root / "runs" / f"raw{seed}" / "config.json").write_text(json.dumps(config))
+        (root / "runs" / f"raw{seed}" / "summary.json").write_text(json.dumps(summary))
+    return root / "runs"
+
+
+def test_the_raw_arm_is_drawn_beside_the_grid_never_averaged_into_it(runs, with_raw_arm, tmp_path):
+    both = collect_runs(with_raw_arm)
+    assert figures.raw_term(both).sum() == 3 and not figures.raw_term(runs).any()
+    grid = figures.grid_runs(both)
+    assert len(grid) == len(runs) and list(figures.metric_grid(grid, "test/mse").columns) == [0.0, 10.0]
+    pd.testing.assert_frame_equal(
+        figures.setting_table(grid, ["test/mse"]), figures.setting_table(runs, ["test/mse"])
+    )  # the lambda = 10 cell keeps its three normalised seeds
+    # the preset rule reads the normalised term only: the raw arm's lower GSV cannot become the preset's lambda
+    assert choose_semantic_weight(both)[1].index.tolist() == [10.0]
+    assert figures.setting_label(both[figures.raw_term(both)].iloc[0]) == "semanticVAE-l400-raw"
+    norms = figures.load_latent_norms(both)
+    assert set(norms.loc[norms["variant"] == "semantic", "setting"]) == {"semanticVAE", "semanticVAE-l400-raw"}
+    assert figures.heatmaps(both, tmp_path / "heatmaps.png").stat().st_size > 20_000
+    assert figures.pareto_settings(both, tmp_path / "front.png").stat().st_size > 20_000
+
+    report = write_report(with_raw_arm, tmp_path / "report").read_text()
+    comparison = pd.read_csv(tmp_path / "report" / "comparison.csv", header=[0, 1], index_col=[0, 1, 2, 3])
+    rows = comparison.index.to_frame(index=False)
+    raw_row = comparison.loc[("semantic", 1.0, 400.0, False)]
+    assert raw_row[("test/mse", "mean")] == pytest.approx(0.020) and raw_row[("test/mse", "n")] == 3
+    assert rows.columns.tolist() == ["variant", "loss.beta", "loss.semantic_weight", "loss.semantic.normalize"]
+    assert "3 run(s) trained with the raw semantic term (semanticVAE-l400-raw)" in report
+    assert "| 400 |" not in report.split("## The semantic preset's lambda")[1].split("## Figures")[0]

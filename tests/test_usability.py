@@ -17,6 +17,10 @@ from tests.conftest import compose_config
         (("loss.beta=1", "loss.semantic_weight=1"), "semanticVAE-l1"),
         (("loss.beta=5", "loss.semantic_weight=1"), "b5-semanticVAE-l1"),
         (("variant=semantic", "loss.semantic_weight=100"), "semanticVAE-l100"),
+        (("variant=semantic", "loss.semantic.normalize=false"), "semanticVAE-raw"),
+        (("loss.semantic_weight=400", "loss.semantic.normalize=false"), "semanticVAE-l400-raw"),
+        (("experiment=semantic_raw",), "semanticVAE-l400-raw"),  # the lambda study's raw arm
+        (("loss.semantic.normalize=false",), "VAE"),
         (("loss.beta=0.5",), "b0.5-VAE"),
         (("task=train_classifier",), "classifier"),
         (("name=mine", "loss.beta=5"), "mine"),

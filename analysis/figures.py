@@ -15,7 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from analysis.tables import comparison_table, raw_term, variant_rank
+from analysis.tables import comparison_table, is_false, raw_term, variant_rank
 from semvae.evaluation.report import latent_norm_density, save_figure
 from semvae.variants import run_name
 
@@ -48,7 +48,7 @@ def setting_label(run: pd.Series) -> str:
     its variant when the run has no loss weights."""
     if pd.isna(run.get(BETA)) or pd.isna(run.get(SEMANTIC_WEIGHT)):
         return str(run.get("variant"))
-    return run_name(float(run[BETA]), float(run[SEMANTIC_WEIGHT]), not raw_term(run.to_frame().T).iloc[0])
+    return run_name(float(run[BETA]), float(run[SEMANTIC_WEIGHT]), not is_false(run.get("loss.semantic.normalize")))
 
 
 def metric_grid(frame: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -50,10 +50,13 @@ def raw_term(frame: pd.DataFrame) -> pd.Series:
     the default since the first version."""
     if "loss.semantic.normalize" not in frame or "loss.semantic_weight" not in frame:
         return pd.Series(False, index=frame.index)
-    off = frame["loss.semantic.normalize"].map(
-        lambda v: isinstance(v, bool | np.bool_ | str) and str(v).lower() == "false"
-    )
+    off = frame["loss.semantic.normalize"].map(is_false)
     return off & (pd.to_numeric(frame["loss.semantic_weight"], errors="coerce") > 0)
+
+
+def is_false(value: object) -> bool:
+    """A config flag that is off: False, or "false" as text; a missing value (NaN, None) is not."""
+    return isinstance(value, bool | np.bool_ | str) and str(value).lower() == "false"
 
 
 def available_metrics(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> list[str]:

@@ -1,8 +1,9 @@
 """Datasets as tensors on the training device, and batches drawn by index.
 
-torchvision's ``MNIST`` / ``FashionMNIST`` classes read (and, where the internet is reachable, download and
-checksum) the canonical files; after that the whole split is a single float tensor in [0, 1] of shape
-(N, 1, 28, 28) on the device, and a training step only indexes into it. No PIL, no per-sample transforms.
+The canonical IDX files under ``<root>/<MNIST|FashionMNIST>/raw`` (torchvision's layout) are read directly;
+torchvision's classes fetch and checksum them where the internet is reachable and they are missing. After that the
+whole split is a single float tensor in [0, 1] of shape (N, 1, 28, 28) on the device, and a training step only
+indexes into it. No PIL, no per-sample transforms.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ class Split:
 def _dataset_class(name: str):
     import torchvision.datasets as tvd
 
-    if name not in DATASETS:
-        raise DataError(f"data.name={name!r}: allowed values: {', '.join(DATASETS)}")
     return getattr(tvd, DATASETS[name])
 
 
@@ -94,71 +93,93 @@ def _extract_from_mirror(cls, root: Path, mirror: Path) -> None:
 
 
 def load_split(name: str, root: str | Path, train: bool, download: bool = True, mirror: str | None = None) -> Split:
-    """Load one split (train or test) as float images in [0, 1] and int64 labels, on the CPU."""
+    """Load one split (train or test) as float images in [0, 1] and int64 labels, on the CPU.
+
+    The files under ``root/<Class>/raw`` are read directly (the IDX format is a header and an array); torchvision,
+    which takes about as long to import as torch itself, is imported only to fetch a dataset that is not there."""
+    if name not in DATASETS:
+        raise DataError(f"data.name={name!r}: allowed values: {', '.join(DATASETS)}")
+    root, folder = Path(root), DATASETS[name]
+    raw = root / folder / "raw"
+    prefix = "train" if train else "t10k"
+    images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if images.is_file() and labels.is_file():
+        return _as_split(read_idx(images, ndim=3), read_idx(labels, ndim=1), labels)
+    check_raw_files(raw)  # a damaged file beside the missing one: say which
     cls = _dataset_class(name)
-    root = Path(root)
+    if mirror is not None and Path(mirror).is_dir():
+        _extract_from_mirror(cls, root, Path(mirror))
+        return load_split(name, root, train, download=False)
+    if not download:
+        raise DataError(
+            f"{folder} not found under data.root={str(root)!r} and data.download=false. "
+            f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/ (see README, 'Data')."
+        )
+    new = [p for p in (root, root / folder, raw) if not p.exists()]
     try:
-        dataset = cls(str(root), train=train, download=False)
-    except RuntimeError:
-        check_raw_files(root / cls.__name__ / "raw")  # present but damaged: say which file
-        if mirror is not None and Path(mirror).is_dir():
-            _extract_from_mirror(cls, root, Path(mirror))
-            return _as_split(cls(str(root), train=train, download=False))
-        if not download:
-            raise DataError(
-                f"{cls.__name__} not found under data.root={str(root)!r} and data.download=false. "
-                f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/ (see README, 'Data')."
-            ) from None
-        new = [p for p in (root, root / cls.__name__, root / cls.__name__ / "raw") if not p.exists()]
-        try:
-            # torchvision checks the MD5 of what it fetches before extracting it
-            dataset = cls(str(root), train=train, download=True)
-        except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
-            if new:  # the folders this attempt made, with whatever it left in them
-                shutil.rmtree(new[0], ignore_errors=True)
-            raise DataError(
-                f"{cls.__name__} not found under data.root={str(root)!r} and could not be fetched ({error}). "
-                f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {cls.__name__}/raw/, or set "
-                "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
-            ) from None
-    return _as_split(dataset)
+        # torchvision checks the MD5 of what it fetches before extracting it
+        dataset = cls(str(root), train=train, download=True)
+    except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
+        if new:  # the folders this attempt made, with whatever it left in them
+            shutil.rmtree(new[0], ignore_errors=True)
+        raise DataError(
+            f"{folder} not found under data.root={str(root)!r} and could not be fetched ({error}). "
+            f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/, or set "
+            "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
+        ) from None
+    return _as_split(dataset.data, dataset.targets, labels)
 
 
 N_CLASSES = 10  # MNIST digits, Fashion-MNIST garment classes
 
 
-def _as_split(dataset) -> Split:
-    labels = dataset.targets.long()
+def read_idx(path: Path, ndim: int) -> Tensor:
+    """The uint8 array of an IDX file (MNIST's format: 2 zero bytes, the item type 0x08, the number of dimensions,
+    each dimension as a big-endian int32, then the items), as torchvision's MNIST reads it. A file whose header
+    or size does not fit gets a DataError naming it."""
+    data = path.read_bytes()
+    _check_idx(path, data)
+    if data[2] != 0x08 or data[3] != ndim:
+        raise DataError(
+            f"{path} holds {data[3]}-dimensional items of type {data[2]:#04x}, not {ndim}-dimensional uint8"
+        )
+    shape = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
+
+
+def _as_split(data: Tensor, targets: Tensor, labels_file: Path) -> Split:
+    labels = targets.long()
     bad = ((labels < 0) | (labels >= N_CLASSES)).nonzero()
     if len(bad):
         i = int(bad[0])
-        files = [Path(dataset.raw_folder) / f for f in os.listdir(dataset.raw_folder) if "labels" in f]
         raise DataError(
-            f"{dataset.__class__.__name__} labels must be in 0..{N_CLASSES - 1}; label {int(labels[i])} at index {i} "
-            f"({len(bad)} such labels) in {', '.join(sorted(map(str, files)))}"
+            f"{labels_file.parents[1].name} labels must be in 0..{N_CLASSES - 1}; label {int(labels[i])} at index "
+            f"{i} ({len(bad)} such labels) in {labels_file}"
         )
-    return Split(dataset.data.unsqueeze(1).float().div_(255.0), labels)
+    return Split(data.unsqueeze(1).float().div_(255.0), labels)
 
 
 def check_raw_files(raw: Path) -> None:
     """DataError naming the first file under ``raw`` whose size differs from what its IDX header announces
-    (a truncated copy, say). IDX: 2 zero bytes, the item type, the number of dimensions, then each dimension."""
+    (a truncated copy, say)."""
     if not raw.is_dir():
         return
     for path in sorted(raw.iterdir()):
-        if path.suffix or not path.is_file():  # the .gz downloads, temporary files
-            continue
-        data = path.read_bytes()
-        if len(data) < 4 or len(data) < 4 + 4 * data[3]:
-            raise DataError(f"{path} is damaged: {len(data)} bytes, too short for an IDX header")
-        ndim, item_size = data[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(data[2], 1)
-        dims = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
-        expected = 4 + 4 * ndim + item_size * math.prod(dims)
-        if len(data) != expected:
-            raise DataError(
-                f"{path} is damaged: {len(data)} bytes where its header announces {expected}; replace it "
-                "(README, 'Data')"
-            )
+        if not path.suffix and path.is_file():  # not the .gz downloads or temporary files
+            _check_idx(path, path.read_bytes())
+
+
+def _check_idx(path: Path, data: bytes) -> None:
+    """IDX: 2 zero bytes, the item type, the number of dimensions, each dimension (big-endian int32), the items."""
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"{path} is damaged: {len(data)} bytes, too short for an IDX header")
+    ndim, item_size = data[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(data[2], 1)
+    dims = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
+    expected = 4 + 4 * ndim + item_size * math.prod(dims)
+    if len(data) != expected:
+        raise DataError(
+            f"{path} is damaged: {len(data)} bytes where its header announces {expected}; replace it (README, 'Data')"
+        )
 
 
 def train_val_split(split: Split, val_size: int, seed: int) -> tuple[Split, Split]:

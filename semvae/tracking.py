@@ -161,18 +161,12 @@ class Tracker:
         """Save each image batch (B, 1, H, W) in [0, 1] as a PNG grid and log the same pixels to W&B (as 8-bit
         values: ``wandb.Image`` reads a float array as 0-255, which would make [0, 1] images black)."""
         from PIL import Image
-        from torchvision.utils import make_grid
 
         pixels = {
-            key: make_grid(batch.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
-            .mul(255)
-            .add_(0.5)
-            .clamp_(0, 255)
-            .to(torch.uint8)
-            .permute(1, 2, 0)
-            .numpy()
+            key: image_grid(batch.detach().float().cpu(), nrow=nrow).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
             for key, batch in images.items()
         }
+        pixels = {key: grid.numpy() for key, grid in pixels.items()}
         for key, grid in pixels.items():
             Image.fromarray(grid).save(self.run_dir / f"{key.replace('/', '_')}.png")
         if self.run is not None:
@@ -220,3 +214,17 @@ class Tracker:
 def _artifact_name(name: str) -> str:
     """W&B artifact names allow letters, digits, '-', '_' and '.'."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "model"
+
+
+def image_grid(batch: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """A (B, 1, H, W) batch tiled row by row, ``nrow`` images a row, into one (rows, cols) image with ``padding``
+    pixels of ``pad_value`` around every image: the layout of torchvision's ``make_grid`` (a test holds them equal;
+    a single image is padded too, where ``make_grid`` returns it bare), without importing torchvision, which takes
+    about as long to import as torch."""
+    b, _, h, w = batch.shape
+    cols = min(nrow, b)
+    rows = -(-b // cols)
+    tiles = torch.full((rows * cols, h + padding, w + padding), pad_value, dtype=batch.dtype)
+    tiles[:b, padding:, padding:] = batch[:, 0]
+    grid = tiles.view(rows, cols, h + padding, w + padding).permute(0, 2, 1, 3).reshape(rows * (h + padding), -1)
+    return torch.nn.functional.pad(grid, (0, padding, 0, padding), value=pad_value)

@@ -1,4 +1,5 @@
 import gzip
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,26 @@ def test_prestaged_mnist_loads_as_float_tensors():
     assert len(test) == 10_000 and len(train) >= 23_797  # 60,000 where the full set was downloaded
     assert 0.0 == train.images.min().item() and train.images.max().item() == 1.0
     assert set(train.labels.unique().tolist()) == set(range(10))
+
+
+def test_the_idx_files_read_without_torchvision_as_torchvision_reads_them(monkeypatch):
+    from torchvision.datasets import MNIST
+
+    reference = MNIST(str(DATA_DIR), train=False, download=False)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # any import of torchvision now fails
+    test = load_split("mnist", DATA_DIR, train=False, download=False)
+    assert torch.equal(test.images, reference.data.unsqueeze(1).float() / 255)
+    assert torch.equal(test.labels, reference.targets)
+
+
+def test_an_idx_file_of_another_shape_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = (DATA_DIR / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(labels)  # a labels file where the images belong
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(labels)
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte holds 1-dimensional items of type 0x08, not 3-"):
+        load_split("mnist", tmp_path, train=False, download=False)
 
 
 def test_validation_split_is_fixed_by_its_seed_and_disjoint():

@@ -106,6 +106,17 @@ def test_images_logged_to_wandb_are_the_grids_saved_beside_them(tmp_path, wandb_
         assert np.array_equal(np.asarray(sent.convert("L")), np.asarray(saved.convert("L")))
 
 
+@pytest.mark.parametrize(("n", "nrow"), [(2, 8), (4, 8), (8, 8), (13, 8), (7, 3)])
+def test_image_grid_is_torchvisions_layout(n, nrow):
+    from torchvision.utils import make_grid
+
+    from semvae.tracking import image_grid
+
+    batch = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    expected = make_grid(batch, nrow=nrow, padding=2, pad_value=1.0)
+    assert torch.equal(image_grid(batch, nrow=nrow), expected[0]) and torch.equal(expected[0], expected[2])
+
+
 def test_overrides_reach_the_model_and_the_data(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["model.latent_dim=3", "model.widths=[8,8,16]", "seed=3", "trainer=smoke", "trainer.epochs=1"]

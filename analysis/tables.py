@@ -35,6 +35,7 @@ DEFAULT_METRICS = (
     "test/latent_norm_std",
     "test/active_units",
     "test/recon_accuracy",
+    "test/recon_top_class_share",
     "test/mig",
     "test/dci_disentanglement",
     "val/mse",

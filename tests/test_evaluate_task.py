@@ -54,15 +54,20 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path, wandb_offlin
         assert (frame[f"gsv_norm_{judge}_se"] > 0).all()
         for step in ("0.5", "1", "2"):
             assert f"gsv_norm_{judge}_step{step}" in frame.columns
-    # the reconstruction error and the active units are those of each model on the first 120 test images
+    # the reconstruction error, the active units and φ's reading of the reconstructions are those of each model on
+    # the first 120 test images
     test = load_split("mnist", DATA_DIR, train=False, download=False).images[:120]
+    phi, _ = ckpt.load_classifier(WEIGHTS / "classifier.pth")
     for i, path in enumerate(MODELS.values()):
         vae, _ = ckpt.load_vae(path)
         with torch.no_grad():
             mu = vae.encode(test)[0]
-            mse = (torch.sigmoid(vae.decode(mu)) - test).pow(2).mean().item()
-        assert frame["mse"][i] == pytest.approx(mse, rel=1e-4)
+            recon = torch.sigmoid(vae.decode(mu))
+            read = torch.bincount(phi(recon).argmax(1), minlength=10)
+        assert frame["mse"][i] == pytest.approx((recon - test).pow(2).mean().item(), rel=1e-4)
         assert frame["active_units"][i] == int((mu.var(dim=0) > 0.01).sum())
+        assert frame["recon_top_class"][i] == read.argmax() and frame["recon_top_class_share"][i] == read.max() / 120
+        assert read.max() < 30  # the shipped models' reconstructions are read as many digits
     table = (run_dir / "comparison.md").read_text()
     assert table.count("\n") == 4 and "GSV norm (held-out)" in table and " ± " in table
     for name in ("VAE_epoch50", "semanticVAE_epoch50"):

@@ -33,6 +33,7 @@ TABLE_COLUMNS = [
     ("prior_norm_mean", "prior E‖z‖"),
     ("active_units", "active units"),
     ("recon_accuracy", "acc. on recon."),
+    ("recon_top_class_share", "top class share"),
     ("mig", "MIG"),
     ("dci_disentanglement", "DCI D"),
     ("dci_completeness", "DCI C"),

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from semvae import checkpoints
 from semvae.config import Config, ConfigError, JudgeName
-from semvae.data import Split, load_split
+from semvae.data import N_CLASSES, Split, load_split
 from semvae.evaluation import metrics as ev
 from semvae.evaluation import morpho, report
 from semvae.models import Classifier, ResNetVAE
@@ -111,6 +111,10 @@ def evaluate_model(
                 [judges.classifiers["train"](recon[s]).argmax(1) for s in ev.batches(len(recon), batch_size)]
             )
         metrics["recon_accuracy"] = (predicted == test_labels).float().mean().item()
+        # a decoder that writes one pattern φ reads as one class scores a low GSV under φ: this share shows it
+        counts = torch.bincount(predicted, minlength=N_CLASSES)
+        metrics["recon_top_class"] = int(counts.argmax())
+        metrics["recon_top_class_share"] = counts.max().item() / len(predicted)
     if factors is not None:
         metrics["mig"] = ev.mig(mu.cpu(), factors.cpu()) if vae.latent_dim >= 2 else float("nan")
         for key, value in ev.dci(mu.cpu(), factors.cpu()).items():

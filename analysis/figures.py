@@ -85,6 +85,8 @@ TREND_METRICS = (
     "test/gsv_norm_heldout",
     "test/gsv_norm_morpho",
     "test/gsv_change_heldout",
+    "test/recon_accuracy",
+    "test/recon_top_class_share",
     "test/active_units",
     "test/latent_norm_mean",
 )

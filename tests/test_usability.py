@@ -20,6 +20,14 @@ from tests.conftest import compose_config
         (("variant=semantic", "loss.semantic.normalize=false"), "semanticVAE-raw"),
         (("loss.semantic_weight=400", "loss.semantic.normalize=false"), "semanticVAE-l400-raw"),
         (("experiment=semantic_raw",), "semanticVAE-l400-raw"),  # the lambda study's raw arm
+        (
+            ("experiment=sweep_beta_semantic", "loss.beta=2", "loss.semantic_weight=100", "seed=1"),
+            "b2-semanticVAE-l100_s1",
+        ),
+        (
+            ("experiment=sweep_beta_semantic", "loss.semantic_weight=400", "loss.semantic.normalize=false"),
+            "semanticVAE-l400-raw_s0",
+        ),
         (("loss.semantic.normalize=false",), "VAE"),
         (("loss.beta=0.5",), "b0.5-VAE"),
         (("task=train_classifier",), "classifier"),

@@ -106,15 +106,19 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     if images.is_file() and labels.is_file():
         return _as_split(read_idx(images, ndim=3), read_idx(labels, ndim=1), labels)
     check_raw_files(raw)  # a damaged file beside the missing one: say which
-    cls = _dataset_class(name)
     if mirror is not None and Path(mirror).is_dir():
-        _extract_from_mirror(cls, root, Path(mirror))
+        _extract_from_mirror(_dataset_class(name), root, Path(mirror))
         return load_split(name, root, train, download=False)
     if not download:
+        missing = [p.name for p in (images, labels) if not p.is_file()]
+        packed = [f"{m}.gz" for m in missing if (raw / f"{m}.gz").is_file()]
         raise DataError(
-            f"{folder} not found under data.root={str(root)!r} and data.download=false. "
-            f"Point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/ (see README, 'Data')."
+            f"{folder} not found under data.root={str(root)!r} ({raw} lacks {' and '.join(missing)}"
+            + (f"; {' and '.join(packed)} there must be decompressed" if packed else "")
+            + f") and data.download=false. Point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/ "
+            "(see README, 'Data')."
         )
+    cls = _dataset_class(name)
     new = [p for p in (root, root / folder, raw) if not p.exists()]
     try:
         # torchvision checks the MD5 of what it fetches before extracting it
@@ -148,6 +152,12 @@ def read_idx(path: Path, ndim: int) -> Tensor:
 
 
 def _as_split(data: Tensor, targets: Tensor, labels_file: Path) -> Split:
+    if len(data) != len(targets):
+        raise DataError(
+            f"{labels_file} holds {len(targets)} labels for {len(data)} images in "
+            f"{labels_file.with_name(labels_file.name.replace('labels-idx1', 'images-idx3'))}: the two files must "
+            "come from the same split (README, 'Data')"
+        )
     labels = targets.long()
     bad = ((labels < 0) | (labels >= N_CLASSES)).nonzero()
     if len(bad):
@@ -171,6 +181,12 @@ def check_raw_files(raw: Path) -> None:
 
 def _check_idx(path: Path, data: bytes) -> None:
     """IDX: 2 zero bytes, the item type, the number of dimensions, each dimension (big-endian int32), the items."""
+    if data[:2] == b"\x1f\x8b":
+        raise DataError(f"{path} is gzip-compressed: decompress it in place (gunzip -c FILE.gz > FILE)")
+    if len(data) >= 2 and data[:2] != b"\x00\x00":
+        raise DataError(
+            f"{path} is not an IDX file (it does not start with two zero bytes); replace it (README, 'Data')"
+        )
     if len(data) < 4 or len(data) < 4 + 4 * data[3]:
         raise DataError(f"{path} is damaged: {len(data)} bytes, too short for an IDX header")
     ndim, item_size = data[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(data[2], 1)

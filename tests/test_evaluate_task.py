@@ -161,3 +161,13 @@ def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluat
     assert (first.stat().st_ino, first.stat().st_mtime_ns) == (row.st_ino, row.st_mtime_ns)  # its row not rewritten
     assert read_summary(run_dir)["status"] == "finished"
     assert list(pd.read_csv(run_dir / "comparison.csv")["model"]) == [p.stem for p in files]
+
+    # a row measured by an older version of the evaluation lacks what was added since: it is measured again
+    saved = json.loads(first.read_text())
+    saved["settings"]["metrics_version"] -= 1
+    del saved["recon_top_class_share"]
+    first.write_text(json.dumps(saved))
+    caplog.clear()
+    assert run_in_process(*args).returncode == 0
+    evaluated = [r.args[0] for r in caplog.records if r.getMessage().startswith("evaluating ") and r.args]
+    assert evaluated == ["VAE_epoch50"] and "recon_top_class_share" in json.loads(first.read_text())

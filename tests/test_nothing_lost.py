@@ -2,6 +2,7 @@
 mid-run, torn metrics lines, damaged data, bad seeds, model files given as training checkpoints, export paths that
 cannot be written, run files that cannot be read. The faults that need a real process are in test_faults.py."""
 
+import gzip
 import json
 import logging
 import os
@@ -226,6 +227,29 @@ def test_a_truncated_dataset_file_is_named_as_damaged(tmp_path):
     images.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{images} is damaged: {len(data) // 2} bytes where its header announces"):
         load_split("mnist", tmp_path, train=False, download=False)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()  # a link to the pre-staged file: replace the link, not the file
+    path.write_bytes(data)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_named(tmp_path):
+    raw = _mnist_copy(tmp_path)
+    images, labels = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+    _replace(labels, (raw / "train-labels-idx1-ubyte").read_bytes())  # another split's labels
+    with pytest.raises(DataError, match=f"{labels} holds 23797 labels for 10000 images in {images}"):
+        load_split("mnist", tmp_path, train=False, download=False)
+    _replace(labels, gzip.compress((raw / "train-labels-idx1-ubyte").read_bytes()))  # compressed, not renamed
+    with pytest.raises(DataError, match=f"{labels} is gzip-compressed: decompress it"):
+        load_split("mnist", tmp_path, train=False, download=False)
+    _replace(labels, b"\xff\xff" + (raw / "train-labels-idx1-ubyte").read_bytes()[2:])
+    with pytest.raises(DataError, match=f"{labels} is not an IDX file"):
+        load_split("mnist", tmp_path, train=False, download=False)
+    labels.rename(raw / "t10k-labels-idx1-ubyte.gz")  # only a .gz where the file belongs
+    with pytest.raises(DataError, match=r"lacks t10k-labels-idx1-ubyte; t10k-labels-idx1-ubyte.gz there must be deco"):
+        load_split("mnist", tmp_path, train=False, download=False)
+    assert len(load_split("mnist", tmp_path, train=True, download=False)) >= 23_797  # the other split still loads
 
 
 def test_labels_out_of_range_are_named_before_training(tmp_path):

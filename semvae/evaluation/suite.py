@@ -26,6 +26,11 @@ from semvae.models import Classifier, ResNetVAE
 log = logging.getLogger(__name__)
 
 
+# What the evaluation measures, as a number: raised whenever a metric is added or computed differently, so that a
+# stored row of an older version is measured again rather than kept without it. 2: recon_top_class(_share).
+METRICS_VERSION = 2
+
+
 @dataclass
 class Judges:
     """Feature extractors reading the semantics of images: classifiers, and the morphometrics."""

@@ -17,7 +17,7 @@ from semvae import checkpoints
 from semvae.checkpoints import write_json_atomic
 from semvae.config import Config, ConfigError, as_plain
 from semvae.evaluation import report
-from semvae.evaluation.suite import EvaluationBench
+from semvae.evaluation.suite import METRICS_VERSION, EvaluationBench
 from semvae.manifest import sha256
 from semvae.models import ResNetVAE
 from semvae.stopping import StopRequested
@@ -53,12 +53,13 @@ def save_grids(cfg: Config, images: dict[str, Tensor], name: str, interpolations
 
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
     """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and the
-    device), the judges' files (by content) and the data. A model row written with other settings is evaluated again."""
+    device), the judges' files (by content), the data and the version of what is measured (``METRICS_VERSION``). A
+    model row written with other settings is evaluated again."""
     e = as_plain(cfg.evaluation)
     judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
     files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
     settings = {k: v for k, v in e.items() if k != "checkpoints"}
-    return settings | files | {"data.name": cfg.data.name.value}
+    return settings | files | {"data.name": cfg.data.name.value, "metrics_version": METRICS_VERSION}
 
 
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     prefix = "train" if train else "t10k"
     images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     if images.is_file() and labels.is_file():
-        return _as_split(read_idx(images, ndim=3), read_idx(labels, ndim=1), labels)
+        return _as_split(read_idx(images, ndim=3), read_idx(labels, ndim=1), images, labels)
     check_raw_files(raw)  # a damaged file beside the missing one: say which
     if mirror is not None and Path(mirror).is_dir():
         _extract_from_mirror(_dataset_class(name), root, Path(mirror))
@@ -121,8 +121,8 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     cls = _dataset_class(name)
     new = [p for p in (root, root / folder, raw) if not p.exists()]
     try:
-        # torchvision checks the MD5 of what it fetches before extracting it
-        dataset = cls(str(root), train=train, download=True)
+        # torchvision checks the MD5 of what it fetches before extracting it into raw/, where it is read as above
+        cls(str(root), train=train, download=True)
     except Exception as error:  # noqa: BLE001 - torchvision raises several types for network and checksum errors
         if new:  # the folders this attempt made, with whatever it left in them
             shutil.rmtree(new[0], ignore_errors=True)
@@ -131,7 +131,7 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
             f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/, or set "
             "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
         ) from None
-    return _as_split(dataset.data, dataset.targets, labels)
+    return load_split(name, root, train, download=False)
 
 
 N_CLASSES = 10  # MNIST digits, Fashion-MNIST garment classes
@@ -151,11 +151,10 @@ def read_idx(path: Path, ndim: int) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
 
 
-def _as_split(data: Tensor, targets: Tensor, labels_file: Path) -> Split:
+def _as_split(data: Tensor, targets: Tensor, images_file: Path, labels_file: Path) -> Split:
     if len(data) != len(targets):
         raise DataError(
-            f"{labels_file} holds {len(targets)} labels for {len(data)} images in "
-            f"{labels_file.with_name(labels_file.name.replace('labels-idx1', 'images-idx3'))}: the two files must "
+            f"{labels_file} holds {len(targets)} labels for {len(data)} images in {images_file}: the two files must "
             "come from the same split (README, 'Data')"
         )
     labels = targets.long()

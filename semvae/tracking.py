@@ -163,10 +163,9 @@ class Tracker:
         from PIL import Image
 
         pixels = {
-            key: image_grid(batch.detach().float().cpu(), nrow=nrow).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+            key: image_grid(batch.detach().float().cpu(), nrow).mul(255).add_(0.5).clamp_(0, 255).byte().numpy()
             for key, batch in images.items()
         }
-        pixels = {key: grid.numpy() for key, grid in pixels.items()}
         for key, grid in pixels.items():
             Image.fromarray(grid).save(self.run_dir / f"{key.replace('/', '_')}.png")
         if self.run is not None:

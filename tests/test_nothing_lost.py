@@ -219,19 +219,18 @@ def _mnist_copy(tmp_path: Path) -> Path:
     return raw
 
 
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()  # a link to the pre-staged file: replace the link, not the file
+    path.write_bytes(data)
+
+
 def test_a_truncated_dataset_file_is_named_as_damaged(tmp_path):
     raw = _mnist_copy(tmp_path)
     images = raw / "t10k-images-idx3-ubyte"
     data = images.read_bytes()
-    images.unlink()
-    images.write_bytes(data[: len(data) // 2])
+    _replace(images, data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{images} is damaged: {len(data) // 2} bytes where its header announces"):
         load_split("mnist", tmp_path, train=False, download=False)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    path.unlink()  # a link to the pre-staged file: replace the link, not the file
-    path.write_bytes(data)
 
 
 def test_a_file_that_is_not_what_its_name_says_is_named(tmp_path):
@@ -257,8 +256,7 @@ def test_labels_out_of_range_are_named_before_training(tmp_path):
     labels = raw / "t10k-labels-idx1-ubyte"
     data = bytearray(labels.read_bytes())
     data[8 + 5] = 255  # the sixth label
-    labels.unlink()
-    labels.write_bytes(bytes(data))
+    _replace(labels, bytes(data))
     with pytest.raises(DataError, match="labels must be in 0..9; label 255 at index 5"):
         load_split("mnist", tmp_path, train=False, download=False)
 

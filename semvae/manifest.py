@@ -22,7 +22,7 @@ import torch
 from semvae import checkpoints
 from semvae.data import Split, load_split
 
-SLICE = 1000  # the first test images
+SLICE = 256  # the first test images: enough to tell any change of the weights, cheap enough to check every file
 
 
 def sha256(path: str | Path) -> str:
@@ -69,7 +69,7 @@ def entry(path: Path, test: Split) -> dict[str, Any]:
 def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
     """Write ``manifest.json`` for every ``*.pth`` below ``weights_dir``. A file whose SHA-256 is the one recorded
     keeps its entry as it was (its check value is the one measured when it was added); new or changed files are
-    measured now."""
+    measured now, and a kept entry whose check was made on another slice than ``SLICE`` is checked again on it."""
     weights_dir = Path(weights_dir)
     path = weights_dir / "manifest.json"
     recorded = json.loads(path.read_text()) if path.is_file() else {}
@@ -79,7 +79,13 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
     for file in sorted(weights_dir.rglob("*.pth")):
         name = file.relative_to(weights_dir).as_posix()
         kept = recorded.get(name)
-        manifest[name] = kept if kept is not None and kept.get("sha256") == sha256(file) else entry(file, test)
+        if kept is None or kept.get("sha256") != sha256(file):
+            manifest[name] = entry(file, test)
+        elif kept["check"]["test_slice"] != [0, SLICE]:
+            metric, value = check_value(file, test)
+            manifest[name] = kept | {"check": {"metric": metric, "test_slice": [0, SLICE], "value": value}}
+        else:
+            manifest[name] = kept
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 

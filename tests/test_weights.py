@@ -2,11 +2,12 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
-from semvae import checkpoints
+from semvae import checkpoints, manifest
 from semvae.data import load_split
 from semvae.manifest import check_value, sha256
 from tests.conftest import DATA_DIR, ROOT
@@ -43,3 +44,38 @@ def test_shipped_weights_reproduce_their_recorded_check(name, mnist_test):
     if name.startswith("lambda/"):  # the lambda study's models: lambda in the name is the one they trained with
         lam = float(re.search(r"-l(\d+(?:\.\d+)?)_", name).group(1))
         assert checkpoints.load(ROOT / "weights" / name)["config"]["loss"]["semantic_weight"] == lam
+
+
+def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_slices(tmp_path, monkeypatch):
+    """``python -m semvae.manifest``: a file already recorded keeps its entry; one recorded on another test slice is
+    checked again on ``SLICE`` (the rest of its entry kept); a new or changed file is measured in full."""
+    monkeypatch.setattr(manifest, "SLICE", 8)
+    weights = tmp_path / "weights"
+    (weights / "seeds").mkdir(parents=True)
+    shutil.copy(ROOT / "weights" / "classifier.pth", weights / "classifier.pth")
+    shutil.copy(ROOT / "weights" / "VAE_epoch50.pth", weights / "seeds" / "VAE_seed0_epoch50.pth")
+    path = manifest.write_manifest(weights, DATA_DIR)
+    first = json.loads(path.read_text())
+    assert sorted(first) == ["classifier.pth", "seeds/VAE_seed0_epoch50.pth"]
+    assert first["classifier.pth"]["sha256"] == MANIFEST["classifier.pth"]["sha256"]
+    test = load_split("mnist", DATA_DIR, train=False, download=False).subset(torch.arange(8))
+    for name, record in first.items():
+        assert record["check"]["test_slice"] == [0, 8]
+        assert (record["check"]["metric"], record["check"]["value"]) == check_value(weights / name, test)
+
+    first_vae_value = first["seeds/VAE_seed0_epoch50.pth"]["check"]["value"]
+    first["classifier.pth"]["created"] = "kept"  # entries the writer must not remeasure
+    first["seeds/VAE_seed0_epoch50.pth"] |= {
+        "created": "kept",
+        "check": {"metric": "mse", "test_slice": [0, 99], "value": 1.0},
+    }
+    path.write_text(json.dumps(first))
+    second = json.loads(manifest.write_manifest(weights, DATA_DIR).read_text())
+    assert second["classifier.pth"] == first["classifier.pth"]
+    vae = second["seeds/VAE_seed0_epoch50.pth"]
+    assert vae["created"] == "kept"  # checked again, not remade
+    assert vae["check"] == {"metric": "mse", "test_slice": [0, 8], "value": first_vae_value}
+
+    shutil.copy(ROOT / "weights" / "b5-VAE_epoch50.pth", weights / "seeds" / "VAE_seed0_epoch50.pth")  # a changed file
+    third = json.loads(manifest.write_manifest(weights, DATA_DIR).read_text())["seeds/VAE_seed0_epoch50.pth"]
+    assert third["sha256"] == MANIFEST["b5-VAE_epoch50.pth"]["sha256"] and third["created"] != "kept"

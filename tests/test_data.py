@@ -106,3 +106,12 @@ def test_mirror_with_a_wrong_checksum_is_refused(tmp_path):
     with pytest.raises(DataError, match="checksum mismatch: .*train-images-idx3-ubyte.gz"):
         load_split("fashion_mnist", tmp_path / "root", train=True, download=True, mirror=str(mirror))
     assert not (tmp_path / "root" / "FashionMNIST").exists()  # nothing half-copied
+
+
+def test_a_mirror_that_is_not_a_folder_is_named_when_the_data_is_missing(tmp_path):
+    """Fashion-MNIST's default mirror is Debian's folder; without the package the error says so, not only that the
+    files are missing."""
+    absent = tmp_path / "no-such-mirror"
+    with pytest.raises(DataError, match=f"data.mirror='{absent}' is not a folder\\) and data.download=false"):
+        load_split("fashion_mnist", tmp_path / "root", train=False, download=False, mirror=str(absent))
+    assert not (tmp_path / "root").exists()

@@ -41,9 +41,10 @@ def test_shipped_weights_reproduce_their_recorded_check(name, mnist_test):
         assert seed.group(1) == str(record["seed"])
     else:  # the models at the top are seed 0
         assert record["kind"] != "vae" or record["seed"] == 0
-    if name.startswith("lambda/"):  # the lambda study's models: lambda in the name is the one they trained with
-        lam = float(re.search(r"-l(\d+(?:\.\d+)?)_", name).group(1))
-        assert checkpoints.load(ROOT / "weights" / name)["config"]["loss"]["semantic_weight"] == lam
+    if name.startswith("lambda/"):  # the lambda study's models: lambda (and -raw) in the name is what they trained with
+        lam, raw = re.search(r"-l(\d+(?:\.\d+)?)(-raw)?_", name).groups()
+        loss = checkpoints.load(ROOT / "weights" / name)["config"]["loss"]
+        assert loss["semantic_weight"] == float(lam) and loss["semantic"]["normalize"] == (raw is None)
 
 
 def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_slices(tmp_path, monkeypatch):

@@ -198,6 +198,7 @@ def write_report(
     else:
         table.to_csv(out / "comparison.csv")
         render = to_markdown_by_metric if by_metric else to_markdown
+        lines += [f"One group per value of {', '.join(by)}: the settings that differ between the runs.", ""]
         lines += [render(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
         for baseline in baselines:
             lines += _differences(vaes, by, baseline, confidence, render, out)

@@ -20,7 +20,7 @@ from semvae.config import ConfigError
 from semvae.data import load_split
 from semvae.evaluation.report import TABLE_COLUMNS
 from semvae.tasks.checks import check_inputs
-from semvae.tasks.evaluate import evaluate_models
+from semvae.tasks.evaluate import evaluate_models, evaluation_settings
 from tests.conftest import DATA_DIR, ROOT, compose_config, read_summary, run_in_process, wandb_inspect
 
 WEIGHTS = ROOT / "weights"
@@ -112,6 +112,20 @@ def test_evaluate_rejects_a_classifier_that_does_not_match_its_config(tmp_path):
     with pytest.raises(CheckpointError, match=refused):
         _evaluate(tmp_path, f"evaluation.checkpoints=[{MODELS['vae']}]", "classifier.widths=[8,16,32]")
     assert not (tmp_path / "run").exists()
+
+
+def test_rows_are_kept_by_what_the_judges_are_not_where_they_lie(tmp_path):
+    """The settings a stored row must match hold the judges' content, not their paths: a folder of evaluated rows
+    committed on one machine is kept on another checkout; another judge file is another setting."""
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("classifier.pth", "judge.pth"):
+        (moved / name).write_bytes((WEIGHTS / name).read_bytes())
+    here = evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={WEIGHTS}"))
+    there = evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={moved}"))
+    assert here == there and not any(str(WEIGHTS) in str(v) or str(moved) in str(v) for v in here.values())
+    (moved / "judge.pth").write_bytes((WEIGHTS / "classifier.pth").read_bytes())
+    assert evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={moved}")) != here
 
 
 @pytest.mark.slow

@@ -52,13 +52,14 @@ def save_grids(cfg: Config, images: dict[str, Tensor], name: str, interpolations
 
 
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
-    """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and the
-    device), the judges' files (by content), the data and the version of what is measured (``METRICS_VERSION``). A
-    model row written with other settings is evaluated again."""
+    """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and where
+    the files lie), the judges' files (by content, not by path: a folder of rows moved to another machine or checkout
+    still matches), the data and the version of what is measured (``METRICS_VERSION``). A model row written with other
+    settings is evaluated again."""
     e = as_plain(cfg.evaluation)
     judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
     files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
-    settings = {k: v for k, v in e.items() if k != "checkpoints"}
+    settings = {k: v for k, v in e.items() if k not in ("checkpoints", "heldout_checkpoint")}
     return settings | files | {"data.name": cfg.data.name.value, "metrics_version": METRICS_VERSION}
 
 

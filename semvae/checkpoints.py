@@ -64,8 +64,8 @@ def write_text_atomic(text: str, path: Path) -> None:
     write_atomic(text.encode(), path)
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
+def write_json_atomic(obj: Any, path: Path, sort_keys: bool = True) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str), path)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

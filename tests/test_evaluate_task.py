@@ -174,7 +174,9 @@ def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluat
     assert evaluated == ["semanticVAE_epoch50"]  # not the first model again
     assert (first.stat().st_ino, first.stat().st_mtime_ns) == (row.st_ino, row.st_mtime_ns)  # its row not rewritten
     assert read_summary(run_dir)["status"] == "finished"
-    assert list(pd.read_csv(run_dir / "comparison.csv")["model"]) == [p.stem for p in files]
+    table = pd.read_csv(run_dir / "comparison.csv")
+    assert list(table["model"]) == [p.stem for p in files]
+    assert list(table.columns[:3]) == ["model", "variant", "epochs"]  # a kept row's columns in the order measured
 
     # a row measured by an older version of the evaluation lacks what was added since: it is measured again
     saved = json.loads(first.read_text())

@@ -120,7 +120,8 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             save_grids(cfg, images, name, *grids)
             tracker.log_files({f"interpolations/{name}": grids[0], f"traversals/{name}": grids[1]})
             record = row | {"config": state.get("config"), "settings": settings}
-            write_json_atomic(record, run_dir / "models" / f"{name}.json")  # last: the row marks the model as done
+            # last: the row marks the model as done; in the order measured, which a kept row gives the table too
+            write_json_atomic(record, run_dir / "models" / f"{name}.json", sort_keys=False)
             rows[name] = row
         rows_in_order = [rows[name] for name in names]
         frame = pd.DataFrame(rows_in_order)

@@ -172,6 +172,7 @@ def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluat
     assert "kept the rows already written in" in caplog.text and ": VAE_epoch50" in caplog.text
     evaluated = [r.args[0] for r in caplog.records if r.getMessage().startswith("evaluating ") and r.args]
     assert evaluated == ["semanticVAE_epoch50"]  # not the first model again
+    assert "2 models on 100 test images (1 measured, 1 kept from an earlier run)" in caplog.text
     assert (first.stat().st_ino, first.stat().st_mtime_ns) == (row.st_ino, row.st_mtime_ns)  # its row not rewritten
     assert read_summary(run_dir)["status"] == "finished"
     table = pd.read_csv(run_dir / "comparison.csv")

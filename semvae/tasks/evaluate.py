@@ -93,6 +93,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             ) == settings:
                 rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")}
                 norms[name] = torch.from_numpy(np.load(norm_file))
+    kept = len(rows)
     if rows:
         log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
     bench = EvaluationBench.load(cfg, device)
@@ -150,10 +151,12 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         raise
     tracker.finish()
     log.info(
-        "evaluated %d model%s on %d test images in %.1fs; table: %s\n%s",
+        "%d model%s on %d test images (%d measured, %d kept from an earlier run) in %.1fs; table: %s\n%s",
         len(names),
         "" if len(names) == 1 else "s",
         len(bench.test),
+        len(names) - kept,
+        kept,
         seconds,
         run_dir / "comparison.md",
         report.markdown_table(rows_in_order),

@@ -198,7 +198,8 @@ def write_report(
     else:
         table.to_csv(out / "comparison.csv")
         render = to_markdown_by_metric if by_metric else to_markdown
-        lines += [f"One group per value of {', '.join(by)}: the settings that differ between the runs.", ""]
+        varied = f" and value of {', '.join(by[1:])}, the settings that differ between the runs" if by[1:] else ""
+        lines += [f"One group per variant{varied}.", ""]
         lines += [render(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
         for baseline in baselines:
             lines += _differences(vaes, by, baseline, confidence, render, out)

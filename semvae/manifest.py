@@ -2,8 +2,9 @@
 
 For every model file (``*.pth``) in ``weights/`` and its subfolders (``seeds/``): its SHA-256, what it is, how it
 was made (commit, seed, epochs, data), and one number measured on a fixed slice of the test split (the first
-``SLICE`` images): per-pixel reconstruction MSE for a VAE, accuracy for a classifier. ``tests/test_weights.py``
-loads each file and checks that number again.
+``SLICE`` images): per-pixel reconstruction MSE for a VAE, the cross-entropy of the true labels for a classifier
+(continuous, so that any change of what the model computes shows, where an accuracy on easy digits may not move).
+``tests/test_weights.py`` loads each file and checks that number again.
 
     python -m semvae.manifest            # (re)write weights/manifest.json for the files in weights/
 """
@@ -22,16 +23,31 @@ import torch
 from semvae import checkpoints
 from semvae.data import Split, load_split
 
-SLICE = 256  # the first test images: enough to tell any change of the weights, cheap enough to check every file
+SLICE = 256  # the first test images: cheap enough to check every shipped file on every test run
+CHECK_METRIC = {"vae": "mse", "classifier": "nll"}  # the number recorded for each kind of model
 
 
 def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@torch.no_grad()
+class ManifestError(RuntimeError):
+    """A shipped file no longer measures what its manifest entry recorded."""
+
+
+def check_values(path: str | Path, test: Split) -> dict[str, float]:
+    """What a model file measures on ``test``: "mse" for a VAE; "nll" and "accuracy" for a classifier."""
+    return _measure(path, test)[1]
+
+
 def check_value(path: str | Path, test: Split) -> tuple[str, float]:
-    """(metric, value) of a model file on ``test``: "mse" for a VAE, "accuracy" for a classifier."""
+    """(metric, value) recorded for a model file: ``CHECK_METRIC`` of its kind, measured on ``test``."""
+    kind, values = _measure(path, test)
+    return CHECK_METRIC[kind], values[CHECK_METRIC[kind]]
+
+
+@torch.no_grad()
+def _measure(path: str | Path, test: Split) -> tuple[str, dict[str, float]]:
     kind = checkpoints.load(path).get("kind")
     if kind == "vae":
         from semvae.evaluation.metrics import decode_images, latent_means, squared_errors
@@ -39,11 +55,15 @@ def check_value(path: str | Path, test: Split) -> tuple[str, float]:
         vae, _ = checkpoints.load_vae(path)
         vae.to(memory_format=torch.channels_last)  # as the evaluation runs it: the same value, about 1.7x faster
         recon = decode_images(vae, latent_means(vae, test.images))
-        return "mse", squared_errors(recon, test.images).mean().item()
+        return kind, {"mse": squared_errors(recon, test.images).mean().item()}
     if kind == "classifier":
         net, _ = checkpoints.load_classifier(path)
         net.to(memory_format=torch.channels_last)
-        return "accuracy", (net(test.images).argmax(1) == test.labels).float().mean().item()
+        logits = net(test.images).float()
+        return kind, {
+            "nll": torch.nn.functional.cross_entropy(logits, test.labels).item(),
+            "accuracy": (logits.argmax(1) == test.labels).float().mean().item(),
+        }
     raise checkpoints.CheckpointError(f"{path}: unknown model kind {kind!r}")
 
 
@@ -67,25 +87,35 @@ def entry(path: Path, test: Split) -> dict[str, Any]:
 
 
 def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
-    """Write ``manifest.json`` for every ``*.pth`` below ``weights_dir``. A file whose SHA-256 is the one recorded
-    keeps its entry as it was (its check value is the one measured when it was added); new or changed files are
-    measured now, and a kept entry whose check was made on another slice than ``SLICE`` is checked again on it."""
+    """Write ``manifest.json`` for every ``*.pth`` below ``weights_dir``. New or changed files (another SHA-256) are
+    measured now. A file whose SHA-256 is the one recorded keeps its entry; if its check was made on another slice or
+    with another metric than now (``SLICE``, ``CHECK_METRIC``), the recorded value is first measured again as it was
+    made (ManifestError if it no longer holds, and nothing is written), then the check is made anew."""
     weights_dir = Path(weights_dir)
     path = weights_dir / "manifest.json"
     recorded = json.loads(path.read_text()) if path.is_file() else {}
-    test = load_split("mnist", data_root, train=False, download=False)
-    test = test.subset(torch.arange(SLICE))
+    split = load_split("mnist", data_root, train=False, download=False)
+    test = split.subset(torch.arange(SLICE))
     manifest = {}
     for file in sorted(weights_dir.rglob("*.pth")):
         name = file.relative_to(weights_dir).as_posix()
         kept = recorded.get(name)
         if kept is None or kept.get("sha256") != sha256(file):
             manifest[name] = entry(file, test)
-        elif kept["check"]["test_slice"] != [0, SLICE]:
-            metric, value = check_value(file, test)
-            manifest[name] = kept | {"check": {"metric": metric, "test_slice": [0, SLICE], "value": value}}
-        else:
+            continue
+        check = kept.get("check") or {}
+        if check.get("test_slice") == [0, SLICE] and check.get("metric") == CHECK_METRIC.get(kept.get("kind")):
             manifest[name] = kept
+            continue
+        if check.get("test_slice") and check.get("metric"):  # the old check must still hold before it is replaced
+            then = check_values(file, split.subset(torch.arange(*check["test_slice"]))).get(check["metric"])
+            if then is None or abs(then - check["value"]) > 1e-5:
+                raise ManifestError(
+                    f"{file}: its recorded {check['metric']} on test images {check['test_slice']} was "
+                    f"{check['value']}, now {then}: the model no longer measures what was recorded"
+                )
+        metric, value = check_value(file, test)
+        manifest[name] = kept | {"check": {"metric": metric, "test_slice": [0, SLICE], "value": value}}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
@@ -96,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default=str(root / "weights"))
     parser.add_argument("--data", default=os.environ.get("SEMVAE_DATA_DIR", str(root / "data")))
     args = parser.parse_args(argv)
-    print(write_manifest(args.weights, args.data))
+    try:
+        print(write_manifest(args.weights, args.data))
+    except ManifestError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

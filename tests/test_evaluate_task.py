@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,7 +21,7 @@ from semvae.config import ConfigError
 from semvae.data import load_split
 from semvae.evaluation.report import TABLE_COLUMNS
 from semvae.tasks.checks import check_inputs
-from semvae.tasks.evaluate import evaluate_models, evaluation_settings
+from semvae.tasks.evaluate import evaluate_models, evaluation_settings, kept_rows
 from tests.conftest import DATA_DIR, ROOT, compose_config, read_summary, run_in_process, wandb_inspect
 
 WEIGHTS = ROOT / "weights"
@@ -115,8 +116,9 @@ def test_evaluate_rejects_a_classifier_that_does_not_match_its_config(tmp_path):
 
 
 def test_rows_are_kept_by_what_the_judges_are_not_where_they_lie(tmp_path):
-    """The settings a stored row must match hold the judges' content, not their paths: a folder of evaluated rows
-    committed on one machine is kept on another checkout; another judge file is another setting."""
+    """The settings a stored row must match hold the judges' content, not their paths (with ``kept_rows``, which
+    matches the model files by content too, a folder of evaluated rows made on one checkout is kept on another);
+    another judge file is another setting."""
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     for name in ("classifier.pth", "judge.pth"):
@@ -126,6 +128,20 @@ def test_rows_are_kept_by_what_the_judges_are_not_where_they_lie(tmp_path):
     assert here == there and not any(str(WEIGHTS) in str(v) or str(moved) in str(v) for v in here.values())
     (moved / "judge.pth").write_bytes((WEIGHTS / "classifier.pth").read_bytes())
     assert evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={moved}")) != here
+
+
+def test_a_stored_row_is_kept_for_the_same_file_content_and_settings_wherever_the_file_lies(tmp_path):
+    settings = {"n_points": 10, "metrics_version": 2}
+    for name, digest, stored_settings in [("a", "aa", settings), ("b", "bb", settings), ("c", "cc", {"n_points": 9})]:
+        row = {"model": name, "checkpoint": f"/elsewhere/{name}.pth", "checkpoint_sha256": digest, "mse": 0.5}
+        (tmp_path / f"{name}.json").write_text(json.dumps(row | {"config": {}, "settings": stored_settings}))
+        np.save(tmp_path / f"{name}_latent_norms.npy", np.full(3, 2.0, dtype=np.float32))
+    (tmp_path / "d.json").write_text((tmp_path / "a.json").read_text())  # a row without its latent norms
+    files = {"a": ("weights/a.pth", "aa"), "b": ("weights/b.pth", "changed"), "c": ("c.pth", "cc"), "d": ("d", "aa")}
+    rows, norms = kept_rows(tmp_path, files, settings)
+    assert list(rows) == ["a"] and list(norms) == ["a"]  # b: another file; c: other settings; d: no norms
+    assert rows["a"] == {"model": "a", "checkpoint": "weights/a.pth", "checkpoint_sha256": "aa", "mse": 0.5}
+    assert norms["a"].tolist() == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.slow

@@ -136,6 +136,9 @@ def test_the_raw_arm_is_drawn_beside_the_grid_never_averaged_into_it(runs, with_
     raw_row = comparison.loc[("semantic", 1.0, 400.0, False)]
     assert raw_row[("test/mse", "mean")] == pytest.approx(0.020) and raw_row[("test/mse", "n")] == 3
     assert rows.columns.tolist() == ["variant", "loss.beta", "loss.semantic_weight", "loss.semantic.normalize"]
-    assert "One group per value of variant, loss.beta, loss.semantic_weight, loss.semantic.normalize:" in report
+    assert (
+        "One group per variant and value of loss.beta, loss.semantic_weight, loss.semantic.normalize, the settings "
+        "that differ between the runs." in report
+    )
     assert "3 run(s) trained with the raw semantic term (semanticVAE-l400-raw)" in report
     assert "| 400 |" not in report.split("## The semantic preset's lambda")[1].split("## Figures")[0]

@@ -47,9 +47,10 @@ def test_shipped_weights_reproduce_their_recorded_check(name, mnist_test):
         assert loss["semantic_weight"] == float(lam) and loss["semantic"]["normalize"] == (raw is None)
 
 
-def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_slices(tmp_path, monkeypatch):
-    """``python -m semvae.manifest``: a file already recorded keeps its entry; one recorded on another test slice is
-    checked again on ``SLICE`` (the rest of its entry kept); a new or changed file is measured in full."""
+def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_checks(tmp_path, monkeypatch):
+    """``python -m semvae.manifest``: a file already recorded keeps its entry; one whose check was made on another
+    test slice or with another metric is checked again (the rest of its entry kept), once the old check still holds;
+    a new or changed file is measured in full."""
     monkeypatch.setattr(manifest, "SLICE", 8)
     weights = tmp_path / "weights"
     (weights / "seeds").mkdir(parents=True)
@@ -59,24 +60,38 @@ def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_sl
     first = json.loads(path.read_text())
     assert sorted(first) == ["classifier.pth", "seeds/VAE_seed0_epoch50.pth"]
     assert first["classifier.pth"]["sha256"] == MANIFEST["classifier.pth"]["sha256"]
-    test = load_split("mnist", DATA_DIR, train=False, download=False).subset(torch.arange(8))
+    split = load_split("mnist", DATA_DIR, train=False, download=False)
+    test = split.subset(torch.arange(8))
     for name, record in first.items():
         assert record["check"]["test_slice"] == [0, 8]
         assert (record["check"]["metric"], record["check"]["value"]) == check_value(weights / name, test)
+    assert first["classifier.pth"]["check"]["metric"] == "nll" and 0 < first["classifier.pth"]["check"]["value"] < 0.5
 
-    first_vae_value = first["seeds/VAE_seed0_epoch50.pth"]["check"]["value"]
-    first["classifier.pth"]["created"] = "kept"  # entries the writer must not remeasure
-    first["seeds/VAE_seed0_epoch50.pth"] |= {
-        "created": "kept",
-        "check": {"metric": "mse", "test_slice": [0, 99], "value": 1.0},
+    checks = {name: record["check"] for name, record in first.items()}
+    accuracy = manifest.check_values(weights / "classifier.pth", split.subset(torch.arange(20)))["accuracy"]
+    older = {  # checks made the way earlier versions made them, with the values those made
+        "classifier.pth": {"metric": "accuracy", "test_slice": [0, 20], "value": accuracy},
+        "seeds/VAE_seed0_epoch50.pth": {
+            "metric": "mse",
+            "test_slice": [0, 20],
+            "value": check_value(weights / "seeds" / "VAE_seed0_epoch50.pth", split.subset(torch.arange(20)))[1],
+        },
     }
-    path.write_text(json.dumps(first))
+    path.write_text(
+        json.dumps({name: record | {"created": "kept", "check": older[name]} for name, record in first.items()})
+    )
     second = json.loads(manifest.write_manifest(weights, DATA_DIR).read_text())
-    assert second["classifier.pth"] == first["classifier.pth"]
-    vae = second["seeds/VAE_seed0_epoch50.pth"]
-    assert vae["created"] == "kept"  # checked again, not remade
-    assert vae["check"] == {"metric": "mse", "test_slice": [0, 8], "value": first_vae_value}
+    for name, record in second.items():
+        assert record["created"] == "kept" and record["check"] == checks[name]  # checked anew, the rest kept
+    assert json.loads(manifest.write_manifest(weights, DATA_DIR).read_text()) == second  # now current: kept as is
 
+    wrong = second | {"classifier.pth": second["classifier.pth"] | {"check": older["classifier.pth"] | {"value": 0.5}}}
+    path.write_text(json.dumps(wrong))
+    with pytest.raises(manifest.ManifestError, match=r"classifier.pth: its recorded accuracy on test images \[0, 20\]"):
+        manifest.write_manifest(weights, DATA_DIR)
+    assert json.loads(path.read_text()) == wrong  # nothing written
+
+    path.write_text(json.dumps(second))
     shutil.copy(ROOT / "weights" / "b5-VAE_epoch50.pth", weights / "seeds" / "VAE_seed0_epoch50.pth")  # a changed file
     third = json.loads(manifest.write_manifest(weights, DATA_DIR).read_text())["seeds/VAE_seed0_epoch50.pth"]
     assert third["sha256"] == MANIFEST["b5-VAE_epoch50.pth"]["sha256"] and third["created"] != "kept"

@@ -53,14 +53,35 @@ def save_grids(cfg: Config, images: dict[str, Tensor], name: str, interpolations
 
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
     """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and where
-    the files lie), the judges' files (by content, not by path: a folder of rows moved to another machine or checkout
-    still matches), the data and the version of what is measured (``METRICS_VERSION``). A model row written with other
-    settings is evaluated again."""
+    the files lie), the judges' files (by content, not by path: see ``kept_rows``), the data and the version of what
+    is measured (``METRICS_VERSION``). A model row written with other settings is evaluated again."""
     e = as_plain(cfg.evaluation)
     judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
     files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
     settings = {k: v for k, v in e.items() if k not in ("checkpoints", "heldout_checkpoint")}
     return settings | files | {"data.name": cfg.data.name.value, "metrics_version": METRICS_VERSION}
+
+
+ROW_HEAD = ("model", "variant", "epochs", "checkpoint", "checkpoint_sha256")  # a row's first columns, then its metrics
+
+
+def kept_rows(
+    models_dir: Path, files: dict[str, tuple[str, str]], settings: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """The rows (and latent norms) already in ``models_dir`` that still hold: same model name, same file content
+    (``files``: name -> (path, SHA-256)) and the same ``settings``. Where the file lies does not matter (a folder of
+    rows committed on one checkout is kept on another); a kept row records the path it is given now."""
+    rows: dict[str, dict[str, Any]] = {}
+    norms: dict[str, Tensor] = {}
+    for name, (path, digest) in files.items():
+        record, norm_file = models_dir / f"{name}.json", models_dir / f"{name}_latent_norms.npy"
+        if not (record.is_file() and norm_file.is_file()):
+            continue
+        saved = json.loads(record.read_text())
+        if saved.get("checkpoint_sha256") == digest and saved.get("settings") == settings:
+            rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")} | {"checkpoint": path}
+            norms[name] = torch.from_numpy(np.load(norm_file))
+    return rows, norms
 
 
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
@@ -82,17 +103,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     models = {name: checkpoints.load_vae(path, device) for name, path in zip(names, e.checkpoints, strict=True)}
     settings = evaluation_settings(cfg)
     files = {name: (str(path), sha256(path)) for name, path in zip(names, e.checkpoints, strict=True)}
-    rows: dict[str, dict[str, Any]] = {}
-    norms: dict[str, Tensor] = {}
-    for name in names:  # rows of an earlier, stopped run of this evaluation
-        record, norm_file = run_dir / "models" / f"{name}.json", run_dir / "models" / f"{name}_latent_norms.npy"
-        if record.is_file() and norm_file.is_file():
-            saved = json.loads(record.read_text())
-            if (saved.get("checkpoint"), saved.get("checkpoint_sha256")) == files[name] and saved.get(
-                "settings"
-            ) == settings:
-                rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")}
-                norms[name] = torch.from_numpy(np.load(norm_file))
+    rows, norms = kept_rows(run_dir / "models", files, settings)  # of an earlier, stopped run of this evaluation
     kept = len(rows)
     if rows:
         log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
@@ -126,6 +137,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             rows[name] = row
         rows_in_order = [rows[name] for name in names]
         frame = pd.DataFrame(rows_in_order)
+        frame = frame[[*ROW_HEAD, *(c for c in frame.columns if c not in ROW_HEAD)]]  # whatever order rows were kept in
         frame.to_csv(run_dir / "comparison.csv", index=False)
         (run_dir / "comparison.md").write_text(report.markdown_table(rows_in_order))
         latent_dims = {r["model"]: r["latent_dim"] for r in rows_in_order}

@@ -109,14 +109,14 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
     if mirror is not None and Path(mirror).is_dir():
         _extract_from_mirror(_dataset_class(name), root, Path(mirror))
         return load_split(name, root, train, download=False)
-    unused = f"; data.mirror={mirror!r} is not a folder" if mirror is not None else ""  # said if nothing else works
+    no_mirror = f"; data.mirror={mirror!r} is not a folder" if mirror is not None else ""
     if not download:
         missing = [p.name for p in (images, labels) if not p.is_file()]
         packed = [f"{m}.gz" for m in missing if (raw / f"{m}.gz").is_file()]
         raise DataError(
             f"{folder} not found under data.root={str(root)!r} ({raw} lacks {' and '.join(missing)}"
             + (f"; {' and '.join(packed)} there must be decompressed" if packed else "")
-            + f"{unused}) and data.download=false. Point data.root (or SEMVAE_DATA_DIR) at a folder holding "
+            + f"{no_mirror}) and data.download=false. Point data.root (or SEMVAE_DATA_DIR) at a folder holding "
             f"{folder}/raw/ (see README, 'Data')."
         )
     cls = _dataset_class(name)
@@ -128,7 +128,7 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
         if new:  # the folders this attempt made, with whatever it left in them
             shutil.rmtree(new[0], ignore_errors=True)
         raise DataError(
-            f"{folder} not found under data.root={str(root)!r} and could not be fetched ({error}{unused}). "
+            f"{folder} not found under data.root={str(root)!r} and could not be fetched ({error}{no_mirror}). "
             f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/, or set "
             "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
         ) from None

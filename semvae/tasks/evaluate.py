@@ -62,9 +62,6 @@ def evaluation_settings(cfg: Config) -> dict[str, Any]:
     return settings | files | {"data.name": cfg.data.name.value, "metrics_version": METRICS_VERSION}
 
 
-ROW_HEAD = ("model", "variant", "epochs", "checkpoint", "checkpoint_sha256")  # a row's first columns, then its metrics
-
-
 def kept_rows(
     models_dir: Path, files: dict[str, tuple[str, str]], settings: dict[str, Any]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
@@ -137,7 +134,6 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             rows[name] = row
         rows_in_order = [rows[name] for name in names]
         frame = pd.DataFrame(rows_in_order)
-        frame = frame[[*ROW_HEAD, *(c for c in frame.columns if c not in ROW_HEAD)]]  # whatever order rows were kept in
         frame.to_csv(run_dir / "comparison.csv", index=False)
         (run_dir / "comparison.md").write_text(report.markdown_table(rows_in_order))
         latent_dims = {r["model"]: r["latent_dim"] for r in rows_in_order}

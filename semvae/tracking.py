@@ -221,6 +221,8 @@ def image_grid(batch: Tensor, nrow: int = 8, padding: int = 2, pad_value: float 
     a single image is padded too, where ``make_grid`` returns it bare), without importing torchvision, which takes
     about as long to import as torch."""
     b, _, h, w = batch.shape
+    if b == 0 or nrow < 1:
+        raise ValueError(f"image_grid needs at least one image and nrow >= 1, got {b} images and nrow={nrow}")
     cols = min(nrow, b)
     rows = -(-b // cols)
     tiles = torch.full((rows * cols, h + padding, w + padding), pad_value, dtype=batch.dtype)

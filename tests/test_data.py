@@ -116,3 +116,42 @@ def test_a_mirror_that_is_not_a_folder_is_named_when_the_data_is_missing(tmp_pat
     with pytest.raises(DataError, match=re.escape(f"data.mirror='{absent}' is not a folder) and data.download=false")):
         load_split("fashion_mnist", tmp_path / "root", train=False, download=False, mirror=str(absent))
     assert not (tmp_path / "root").exists()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The network stubbed at its boundary (urllib's urlopen, which torchvision's fetch calls): every request fails
+    as it does offline, through torchvision's own mirror loop and error handling. Returns the URLs requested."""
+    import urllib.error
+    import urllib.request
+
+    requested = []
+
+    def unreachable(request, *args, **kwargs):
+        requested.append(request.full_url)
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    return requested
+
+
+def test_a_failed_download_names_the_error_and_the_ways_offline_and_removes_what_it_made(tmp_path, offline):
+    absent = tmp_path / "no-such-mirror"
+    with pytest.raises(DataError) as refused:
+        load_split("mnist", tmp_path / "root", train=False, download=True, mirror=str(absent))
+    message = str(refused.value)
+    assert offline and all(url.endswith(".gz") for url in offline)  # torchvision tried its mirrors
+    assert f"MNIST not found under data.root='{tmp_path / 'root'}' and could not be fetched (" in message
+    assert "network unreachable" in message
+    assert f"; data.mirror='{absent}' is not a folder)" in message
+    assert "set data.mirror to a folder of its canonical .gz files" in message
+    assert not (tmp_path / "root").exists()  # the folders the attempt made are removed
+
+
+def test_a_failed_download_keeps_a_data_root_that_was_there(tmp_path, offline):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "notes.txt").write_text("a user's file")
+    with pytest.raises(DataError, match="could not be fetched"):
+        load_split("mnist", root, train=True, download=True)
+    assert offline and [p.name for p in root.iterdir()] == ["notes.txt"]  # only the MNIST folder it made is removed

@@ -117,6 +117,14 @@ def test_image_grid_is_torchvisions_layout(n, nrow):
     assert torch.equal(image_grid(batch, nrow=nrow), expected[0]) and torch.equal(expected[0], expected[2])
 
 
+@pytest.mark.parametrize(("n", "nrow"), [(0, 8), (3, 0)])
+def test_image_grid_refuses_an_empty_batch_or_row(n, nrow):
+    from semvae.tracking import image_grid
+
+    with pytest.raises(ValueError, match=f"got {n} images and nrow={nrow}"):
+        image_grid(torch.zeros(n, 1, 28, 28), nrow=nrow)
+
+
 def test_overrides_reach_the_model_and_the_data(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["model.latent_dim=3", "model.widths=[8,8,16]", "seed=3", "trainer=smoke", "trainer.epochs=1"]

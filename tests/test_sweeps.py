@@ -137,6 +137,20 @@ def test_optuna_multi_objective_search_returns_the_pareto_set(tmp_path, weights_
         assert 0.5 <= solution["params"]["loss.beta"] <= 8.0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["loss.beta=2.5", "loss.semantic_weight=3.2"], "pareto_b2.5-semanticVAE-l3.2"),
+        (["loss.beta=1", "loss.semantic_weight=3.2", "loss.semantic.normalize=false"], "pareto_semanticVAE-l3.2-raw"),
+    ],
+)
+def test_optuna_trials_are_named_after_their_whole_loss_setting(overrides, name):
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=pareto_optuna", *overrides])
+    assert cfg.name == name
+
+
 def test_the_beta_semantic_study_is_a_45_job_grid_that_evaluates():
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -219,7 +219,7 @@ def image_grid(batch: Tensor, nrow: int = 8, padding: int = 2, pad_value: float 
     """A (B, 1, H, W) batch tiled row by row, ``nrow`` images a row, into one (rows, cols) image with ``padding``
     pixels of ``pad_value`` around every image: the layout of torchvision's ``make_grid`` (a test holds them equal;
     a single image is padded too, where ``make_grid`` returns it bare), without importing torchvision, which takes
-    about as long to import as torch."""
+    about as long to import as torch. An empty batch or ``nrow`` < 1 is a ValueError."""
     b, _, h, w = batch.shape
     if b == 0 or nrow < 1:
         raise ValueError(f"image_grid needs at least one image and nrow >= 1, got {b} images and nrow={nrow}")

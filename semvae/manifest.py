@@ -35,19 +35,15 @@ class ManifestError(RuntimeError):
     """A shipped file no longer measures what its manifest entry recorded."""
 
 
-def check_values(path: str | Path, test: Split) -> dict[str, float]:
-    """What a model file measures on ``test``: "mse" for a VAE; "nll" and "accuracy" for a classifier."""
-    return _measure(path, test)[1]
-
-
 def check_value(path: str | Path, test: Split) -> tuple[str, float]:
     """(metric, value) recorded for a model file: ``CHECK_METRIC`` of its kind, measured on ``test``."""
-    kind, values = _measure(path, test)
+    kind, values = measure(path, test)
     return CHECK_METRIC[kind], values[CHECK_METRIC[kind]]
 
 
 @torch.no_grad()
-def _measure(path: str | Path, test: Split) -> tuple[str, dict[str, float]]:
+def measure(path: str | Path, test: Split) -> tuple[str, dict[str, float]]:
+    """(kind, what the model file measures on ``test``): "mse" for a VAE; "nll" and "accuracy" for a classifier."""
     kind = checkpoints.load(path).get("kind")
     if kind == "vae":
         from semvae.evaluation.metrics import decode_images, latent_means, squared_errors
@@ -67,12 +63,13 @@ def _measure(path: str | Path, test: Split) -> tuple[str, dict[str, float]]:
     raise checkpoints.CheckpointError(f"{path}: unknown model kind {kind!r}")
 
 
-def entry(path: Path, test: Split) -> dict[str, Any]:
+def entry(path: Path, test: Split, digest: str) -> dict[str, Any]:
+    """The manifest entry of the model file ``path`` whose SHA-256 is ``digest``, its check measured on ``test``."""
     state = checkpoints.load(path)
     metric, value = check_value(path, test)
     summary = state.get("summary", {})
     return {
-        "sha256": sha256(path),
+        "sha256": digest,
         "kind": state.get("kind"),
         "variant": state.get("variant"),
         "seed": (state.get("config") or {}).get("seed"),
@@ -99,16 +96,16 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
     manifest = {}
     for file in sorted(weights_dir.rglob("*.pth")):
         name = file.relative_to(weights_dir).as_posix()
-        kept = recorded.get(name)
-        if kept is None or kept.get("sha256") != sha256(file):
-            manifest[name] = entry(file, test)
+        kept, digest = recorded.get(name), sha256(file)
+        if kept is None or kept.get("sha256") != digest:
+            manifest[name] = entry(file, test, digest)
             continue
         check = kept.get("check") or {}
         if check.get("test_slice") == [0, SLICE] and check.get("metric") == CHECK_METRIC.get(kept.get("kind")):
             manifest[name] = kept
             continue
         if check.get("test_slice") and check.get("metric"):  # the old check must still hold before it is replaced
-            then = check_values(file, split.subset(torch.arange(*check["test_slice"]))).get(check["metric"])
+            then = measure(file, split.subset(torch.arange(*check["test_slice"])))[1].get(check["metric"])
             if then is None or abs(then - check["value"]) > 1e-5:
                 raise ManifestError(
                     f"{file}: its recorded {check['metric']} on test images {check['test_slice']} was "

@@ -136,12 +136,12 @@ def offline(monkeypatch):
 
 
 def test_a_failed_download_names_the_error_and_the_ways_offline_and_removes_what_it_made(tmp_path, offline):
+    from torchvision.datasets import MNIST
+
     absent = tmp_path / "no-such-mirror"
     with pytest.raises(DataError) as refused:
         load_split("mnist", tmp_path / "root", train=False, download=True, mirror=str(absent))
     message = str(refused.value)
-    from torchvision.datasets import MNIST
-
     assert sorted(url.rsplit("/", 1)[0] + "/" for url in offline) == sorted(MNIST.mirrors)  # each mirror once
     assert f"MNIST not found under data.root='{tmp_path / 'root'}' and could not be fetched (" in message
     assert "network unreachable" in message

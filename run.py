@@ -21,11 +21,12 @@ os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 # torch-free imports only: a config that does not validate is refused before torch is imported (seconds)
-from semvae import rundir  # noqa: E402
-from semvae.config import ConfigError, register_configs, unknown_key_message, validate  # noqa: E402
+from semvae import guard, rundir  # noqa: E402
+from semvae.config import ConfigError, register_configs, unknown_key_message  # noqa: E402
+from semvae.errors import Abort, InputError, SweepFailed  # noqa: E402
 from semvae.stopping import StopFlag, StopRequested  # noqa: E402
 from semvae.sweep import clear_failure, record_failure  # noqa: E402
 
@@ -34,14 +35,6 @@ register_configs()
 rundir.register_resolver()
 
 CONF = Path(__file__).resolve().parent / "conf"
-
-
-def input_errors() -> tuple[type[BaseException], ...]:
-    """The errors of the user's input: one line, exit status 2, nothing run."""
-    from semvae.checkpoints import CheckpointError
-    from semvae.data import DataError
-
-    return (ConfigError, DataError, CheckpointError, rundir.RunDirBusy)
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -58,10 +51,9 @@ def main(cfg: DictConfig) -> dict | list[float] | None:
         return run_sweep_job(cfg, hc)
     try:
         return run_task(cfg, hc.runtime.output_dir, group=None)
-    except input_errors() as error:
+    except InputError as error:
         fail(error, status=2)
-    except NonFiniteLossError as error:
-        log.error("%s; the last good checkpoint is kept in %s", error, hc.runtime.output_dir)
+    except NonFiniteLossError as error:  # its message says which checkpoint, if any, is kept
         fail(error, status=1)
     except OSError as error:  # a full disk, a folder that cannot be written: the message names the file
         fail(error, status=1)
@@ -94,29 +86,24 @@ def run_dir_override(path: str) -> str:
 
 
 def run_task(cfg: DictConfig, run_dir: str, group: str | None) -> dict | list[float]:
-    """Run the chosen task, holding its run dir and turning stop signals into a checkpoint-and-exit; return its
-    summary, or the ``objectives`` values when a sweeper optimises them."""
+    """Run the chosen task in its run dir, admitted by ``semvae.guard`` (already, for a single run, before Hydra made
+    the folder; here, for a sweep's job), turning stop signals into a checkpoint-and-exit; return its summary, or
+    the ``objectives`` values when a sweeper optimises them."""
+    config = guard.admitted(run_dir) or guard.admit(cfg, run_dir)
     from semvae.tasks import TASKS
 
-    with rundir.held(run_dir), StopFlag():  # the lock first: a folder in use is not read for a resume check
-        config = checked_config(cfg, run_dir)
-        log.info("task=%s name=%s in %s", config.task.name.value, config.name, Path(run_dir).resolve())
-        summary = TASKS[config.task.name](config, run_dir, group)
+    try:
+        with StopFlag():
+            log.info("task=%s name=%s in %s", config.task.name.value, config.name, Path(run_dir).resolve())
+            summary = TASKS[config.task.name](config, run_dir, group)
+    finally:
+        guard.dismiss(run_dir)
     if config.objectives:
         missing = [k for k in config.objectives if k not in summary]
         if missing:
             raise ConfigError(f"objectives={list(config.objectives)}: not in the run's summary: {', '.join(missing)}")
         return [float(summary[k]) for k in config.objectives]
     return summary
-
-
-def checked_config(cfg: DictConfig, run_dir: str):
-    """The typed config, checked with the files it needs: ConfigError, CheckpointError or DataError otherwise."""
-    config = validate(OmegaConf.to_object(cfg))  # before check_inputs imports torch
-    from semvae.tasks.checks import check_inputs
-
-    check_inputs(config, run_dir)
-    return config
 
 
 def run_sweep_job(cfg: DictConfig, hc) -> dict | list[float]:
@@ -154,39 +141,8 @@ def hand_on(signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
-def preflight(args: list[str]) -> str | None:
-    """Before Hydra writes anything: compose the config as Hydra will, check it and the files it needs, and lock
-    the run dir. Returns the run dir (Hydra is then told to use exactly it), or None where Hydra itself must
-    speak: a multirun (each job is checked in its own folder), Hydra's flags, or a config that does not compose
-    (Hydra reports that with the options it knows). A refused run exits with status 2 and touches no file."""
-    if any(a.startswith("-") for a in args):
-        return None
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
-            cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
-            run_dir = str(cfg.hydra.run.dir)
-    except (MissingConfigException, ConfigCompositionException) as error:  # an unknown option or a wrong type
-        refuse(composition_error(error))
-    except Exception:  # noqa: BLE001 - anything else is Hydra's to report, in its own words
-        return None
-    with open_dict(cfg):
-        del cfg["hydra"]
-    try:
-        rundir.check_free(run_dir)
-        checked_config(cfg, run_dir)
-        rundir.hold(run_dir)
-    except (ConfigError, rundir.RunDirBusy) as error:  # matched first: input_errors() imports torch
-        refuse(error)
-    except input_errors() as error:
-        refuse(error)
-    return run_dir
-
-
 def refuse(message: object) -> None:
-    """Refuse the run before Hydra starts: one line on stderr, exit status 2, nothing written."""
+    """Refuse the run: one line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
@@ -225,9 +181,29 @@ def check_override_keys(args: list[str]) -> None:
             refuse(message)
 
 
-if __name__ == "__main__":
+def reported(call):
+    """``call()``, with a refusal from a Hydra callback (semvae.guard) or from Hydra's composition as one line on
+    stderr and exit status 2, and a sweep's failed jobs (SweepReport) as exit status 1."""
+    from hydra.errors import CompactHydraException
+
+    try:
+        return call()
+    except Abort as abort:
+        if isinstance(abort.error, SweepFailed):
+            print(f"error: {abort.error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        refuse(abort.error)
+    except CompactHydraException as error:  # an unknown option, a wrong type, an override that does not parse
+        refuse(composition_error(error))
+
+
+def cli() -> None:
+    """``python run.py ...``: Hydra's app, with every refusal as one line and an exit status instead of a
+    traceback; nothing is written for a refused run."""
     check_override_keys(sys.argv[1:])
-    checked_dir = preflight(sys.argv[1:])
-    if checked_dir is not None:  # Hydra runs in the folder checked and locked, not in a second ${now:}
-        sys.argv = [a for a in sys.argv if not a.startswith("hydra.run.dir=")] + [run_dir_override(checked_dir)]
-    main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors reach ``reported``, not its traceback printer
+    reported(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from semvae.errors import InputError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(InputError):
     """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
 
 

@@ -10,12 +10,16 @@ Nothing here imports Hydra at module level except ``register_configs``; the libr
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from semvae.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A configuration value is outside what the code accepts; the message names the key."""
 
 
@@ -288,9 +292,18 @@ def _require(ok: bool, key: str, message: str, value: Any) -> None:
 
 MAX_SEED = 2**63 - 1024
 
+# ``name`` becomes part of a folder's name (hydra.run.dir), so it is a name, never a path
+NAME = re.compile(r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]{0,119}")
+
 
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations that the types cannot express. Returns ``cfg``; raises ConfigError."""
+    _require(
+        isinstance(cfg.name, str) and NAME.fullmatch(cfg.name) is not None,
+        "name",
+        "must be a name, not a path: 1 to 120 of the characters A-Z a-z 0-9 . _ + = @ , - (not starting with a dot)",
+        cfg.name,
+    )
     seeds = {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed, "evaluation.seed": cfg.evaluation.seed}
     if cfg.classifier.seed is not None:
         seeds["classifier.seed"] = cfg.classifier.seed
@@ -308,10 +321,12 @@ def validate(cfg: Config) -> Config:
     _require(c.blocks >= 0, "classifier.blocks", "must be >= 0", c.blocks)
     _require(0 <= c.augment_shift <= 8, "classifier.augment_shift", "must be in [0, 8] pixels", c.augment_shift)
     loss = cfg.loss
-    _require(loss.beta >= 0, "loss.beta", "must be >= 0", loss.beta)
-    _require(loss.semantic_weight >= 0, "loss.semantic_weight", "must be >= 0", loss.semantic_weight)
+    _require(0 <= loss.beta < math.inf, "loss.beta", "must be finite and >= 0", loss.beta)
+    _require(
+        0 <= loss.semantic_weight < math.inf, "loss.semantic_weight", "must be finite and >= 0", loss.semantic_weight
+    )
     s = loss.semantic
-    _require(s.step > 0, "loss.semantic.step", "must be > 0", s.step)
+    _require(0 < s.step < math.inf, "loss.semantic.step", "must be finite and > 0", s.step)
     _require(s.n_directions >= 1, "loss.semantic.n_directions", "must be >= 1", s.n_directions)
     _require(
         s.n_points is None or s.n_points >= 2,
@@ -323,8 +338,8 @@ def validate(cfg: Config) -> Config:
     t = cfg.trainer
     _require(t.epochs >= 1, "trainer.epochs", "must be >= 1", t.epochs)
     _require(t.batch_size >= 2, "trainer.batch_size", "must be >= 2", t.batch_size)
-    _require(t.lr > 0, "trainer.lr", "must be > 0", t.lr)
-    _require(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0", t.weight_decay)
+    _require(0 < t.lr < math.inf, "trainer.lr", "must be finite and > 0", t.lr)
+    _require(0 <= t.weight_decay < math.inf, "trainer.weight_decay", "must be finite and >= 0", t.weight_decay)
     _require(t.log_every >= 1, "trainer.log_every", "must be >= 1", t.log_every)
     _require(
         t.checkpoint_every is None or t.checkpoint_every >= 1,

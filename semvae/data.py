@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from semvae.errors import InputError
+
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
-class DataError(RuntimeError):
+class DataError(InputError):
     """The dataset cannot be found or read; the message says where it looked and what to do."""
 
 

@@ -6,7 +6,11 @@ started in the same second never share a folder while every job of one sweep agr
 
 ``hold(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.lock`` and writes who holds it; a second process on the
 same folder is refused at once with that information. The kernel drops the lock when the holder exits, even by
-``kill -9``, so there are no stale locks to clean up.
+``kill -9``, so there are no stale locks to clean up. The lock is opened without following a symbolic link and only
+as a regular file, so a link planted as ``.lock`` cannot turn the lock's write against another file.
+
+``check_links(run_dir)`` refuses a folder where a file the run or Hydra writes (``run.log``, ``.hydra/``, ...) is a
+symbolic link: those files are opened for writing by code that follows links (Hydra's log handler, say).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+
+from semvae.errors import InputError
 
 LOCK_FILE = ".lock"
 LAUNCH_ID_ENV = "SEMVAE_LAUNCH_ID"
@@ -28,7 +35,11 @@ LAUNCH_ID_ENV = "SEMVAE_LAUNCH_ID"
 _held: dict[Path, int] = {}  # run dir -> file descriptor of its lock, for the folders this process holds
 
 
-class RunDirBusy(RuntimeError):
+class RunDirError(InputError):
+    """The run folder cannot be used: a planted link, a lock that is not a file, another run's files."""
+
+
+class RunDirBusy(RunDirError):
     """Another process holds the run dir; the message names the folder and the holder."""
 
 
@@ -45,12 +56,12 @@ def register_resolver() -> None:
 
 
 def check_free(run_dir: str | Path) -> None:
-    """RunDirBusy if another process holds ``run_dir``; creates and changes nothing."""
+    """RunDirBusy if another process holds ``run_dir``; RunDirError if its lock is not a regular file. Creates and
+    changes nothing."""
     run_dir = Path(run_dir).resolve()
-    lock = run_dir / LOCK_FILE
-    if run_dir in _held or not lock.is_file():
+    if run_dir in _held or not os.path.lexists(run_dir / LOCK_FILE):
         return
-    fd = os.open(lock, os.O_RDONLY)
+    fd = _open_lock(run_dir / LOCK_FILE, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -61,12 +72,15 @@ def check_free(run_dir: str | Path) -> None:
 
 def hold(run_dir: str | Path) -> Path:
     """Lock ``run_dir`` for this process (creating it) until ``release`` or the process's end; RunDirBusy if
-    another process holds it. Holding a folder this process already holds is a no-op."""
+    another process holds it, RunDirError if its ``.lock`` is a link or not a regular file (nothing is written
+    then). Holding a folder this process already holds is a no-op."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a folder; choose another run folder (hydra.run.dir)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -77,6 +91,53 @@ def hold(run_dir: str | Path) -> Path:
     os.write(fd, json.dumps(_holder()).encode())
     _held[run_dir] = fd
     return run_dir
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """A descriptor of the lock file ``path``: never through a symbolic link, never anything but a regular file
+    (a folder or a FIFO there would block or fail later). RunDirError naming the file otherwise."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        kind = "a symbolic link" if os.path.islink(path) else f"not a lock file ({error.strerror})"
+        raise RunDirError(f"{path} is {kind}; remove it or choose another run folder (hydra.run.dir)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file; remove it or choose another run folder (hydra.run.dir)")
+    return fd
+
+
+# what Hydra and a run write into a run folder by name; a symbolic link under any of these names is refused
+WRITTEN = (
+    LOCK_FILE,
+    "run.log",
+    ".hydra",
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "wandb.json",
+    "last.pt",
+    "best.pt",
+    "model.pth",
+    "error.txt",
+    "failures.json",
+    "multirun.yaml",
+)
+
+
+def check_links(run_dir: str | Path) -> None:
+    """RunDirError if ``run_dir`` holds a symbolic link where the run or Hydra writes a file (or anywhere in
+    ``.hydra/``): the run would write through it into a file outside its folder."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / name for name in WRITTEN]
+    if (run_dir / ".hydra").is_dir() and not (run_dir / ".hydra").is_symlink():
+        candidates += list((run_dir / ".hydra").iterdir())
+    for path in candidates:
+        if path.is_symlink():
+            raise RunDirError(
+                f"{path} is a symbolic link; a run writes its own files in its folder and does not follow links: "
+                "remove it or choose another run folder (hydra.run.dir)"
+            )
 
 
 def release(run_dir: str | Path) -> None:

@@ -2,7 +2,7 @@
 
 run.py writes ``error.txt`` into a multirun job's folder when the job fails, instead of stopping the process;
 ``SweepReport`` (a Hydra callback, registered in conf/config.yaml) lists those jobs when the multirun ends,
-writes them to ``failures.json`` in the sweep folder and makes the command exit with status 1.
+writes them to ``failures.json`` in the sweep folder and ends the command with ``SweepFailed`` (exit status 1).
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from semvae.errors import Abort, SweepFailed
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,8 @@ def _job_number(path: Path) -> tuple[int, str]:
 
 
 class SweepReport(Callback):
-    """Hydra callback: hold the sweep folder for the sweep's life (a second sweep on it stops before writing), and
-    at the end list the failed jobs, say how to rerun them in place, and exit non-zero if there are any."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from semvae import rundir
-
-        try:
-            rundir.hold(str(config.hydra.sweep.dir))
-        except rundir.RunDirBusy as error:
-            log.error("%s", error)
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+    """Hydra callback: at the end of a multirun, list the failed jobs, say how to rerun them in place, and end the
+    command with SweepFailed if there are any (the sweep folder's lock is ``semvae.guard.RunGuard``'s)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -94,4 +85,4 @@ class SweepReport(Callback):
         lines += [f"  job {f['job']} [{' '.join(f['overrides'])}]: {f['error']}" for f in failures]
         lines.append(f"to run them again in place (finished jobs are kept, stopped ones continue): {rerun(config)}")
         log.error("\n".join(lines))
-        raise SystemExit(1)
+        raise Abort(SweepFailed(f"{len(failures)} of {len(jobs)} jobs failed; see {report}"))

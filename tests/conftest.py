@@ -3,7 +3,7 @@
 1. unit tests of functions on tiny tensors (most of test_losses, test_models, test_morpho, test_evaluate, ...);
 2. integration tests in this process: the config composed with Hydra's compose API (``compose_config``), the task
    function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
-   (``run_in_process``: its ``main`` without Hydra's process; ``preflight``: its checks before Hydra starts);
+   (``run_in_process``: its ``main`` without Hydra's process; ``preflight``: its guard before the run's folder exists);
 3. command-line tests that start ``run.py`` (``run_py``) where the process is the point: signals, launchers and
    multiruns, a refusal before Hydra writes anything. They are marked ``slow``: ``python -m pytest -m "not slow"``
    runs tiers 1 and 2 only.
@@ -134,15 +134,31 @@ def run_in_process(*overrides: str, run_dir: str | Path | None = None) -> Ended:
 
 
 def preflight(*overrides: str) -> Ended:
-    """run.py's checks before Hydra starts (``check_override_keys``, then ``preflight``), in this process. A run they
-    let through has its run dir locked by ``preflight``; the lock is released here."""
+    """What ``python run.py OVERRIDES`` does before Hydra creates a run's folder, in this process: run.py's key
+    check, Hydra's composition and ``semvae.guard.RunGuard.on_run_start``, with run.py's mapping of a refusal to one
+    line and an exit status. A run they let through is admitted with its folder locked; both are released here,
+    and ``result`` is the run dir."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
     import run
-    from semvae import rundir
+    from semvae import guard
 
     args = list(overrides)
-    ended = _ended(lambda: (run.check_override_keys(args), run.preflight(args))[1])
+
+    def start() -> str:
+        run.check_override_keys(args)
+        _register()
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
+            cfg = compose("config", overrides=args, return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.mode = "RUN"
+            guard.RunGuard().on_run_start(config=cfg)
+            return str(cfg.hydra.run.dir)
+
+    ended = _ended(lambda: run.reported(start))
     if ended.result is not None:
-        rundir.release(ended.result)
+        guard.dismiss(ended.result)
     return ended
 
 

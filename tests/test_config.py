@@ -73,8 +73,8 @@ def test_bad_overrides_fail_while_composing_and_name_the_key(override, pattern):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("loss.beta=-1", "loss.beta=-1.0: must be >= 0"),
-        ("loss.semantic_weight=-0.5", "loss.semantic_weight=-0.5: must be >= 0"),
+        ("loss.beta=-1", "loss.beta=-1.0: must be finite and >= 0"),
+        ("loss.semantic_weight=-0.5", "loss.semantic_weight=-0.5: must be finite and >= 0"),
         ("model.widths=[8,16]", "model.widths=[8, 16]: needs 3 entries"),
         ("runtime.device=tpu", "runtime.device='tpu': allowed values: auto, cpu, cuda, cuda:N"),
         ("loss.semantic.n_points=1", "loss.semantic.n_points=1: must be >= 2"),
@@ -90,7 +90,7 @@ def test_out_of_range_values_are_rejected_with_the_key(override, message):
 def test_run_py_rejects_bad_input_before_any_training(tmp_path):
     # Python's import log on stderr shows what the process imported before it refused
     proc = run_py("loss.beta=-1", f"hydra.run.dir={tmp_path}/a", check=False, env={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert proc.returncode == 2 and "error: loss.beta=-1.0: must be >= 0" in proc.stderr
+    assert proc.returncode == 2 and "error: loss.beta=-1.0: must be finite and >= 0" in proc.stderr
     assert not (tmp_path / "a").exists()  # refused before Hydra makes the run dir
     imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert "hydra" in imported and "torch" not in imported  # a wrong value is refused before torch is loaded

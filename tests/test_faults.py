@@ -187,7 +187,7 @@ def test_a_refused_run_changes_nothing(tmp_path, uninterrupted):
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_py(*LONG, "loss.beta=5", "model.latent_dim=8", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2
-    assert f"{run_dir}/last.pt was written by a run with other settings" in proc.stderr
+    assert f"{run_dir} holds another run's files (settings differ:" in proc.stderr
     assert "loss.beta: 1.0 -> 5.0" in proc.stderr and "model.latent_dim: 16 -> 8" in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # .hydra/ and run.log too
 

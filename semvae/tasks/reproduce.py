@@ -15,14 +15,17 @@ every VAE file; ``python -m analysis.report <run dir>/evaluation`` turns it into
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from semvae import rundir
 from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, validate
 from semvae.tasks.checks import check_inputs
 from semvae.tasks.evaluate import evaluate_models
@@ -114,6 +117,15 @@ class Composer:
             raise ConfigError(f"reproduce: a stage with overrides {given} does not compose: {error}") from None
 
 
+@contextlib.contextmanager
+def admitted(cfg: Config, stage_dir: Path) -> Iterator[None]:
+    """A stage as a run of its own: its checks (``check_inputs``: folder, machine, data, files) before its folder
+    exists, then its folder held for the stage's life, as ``semvae.guard`` admits a run."""
+    check_inputs(cfg, stage_dir)
+    with rundir.held(stage_dir):
+        yield
+
+
 def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
     """Run the stages of ``plan`` not done yet, then evaluate every VAE; needs a running Hydra app (run.py)."""
     from hydra.core.hydra_config import HydraConfig
@@ -132,17 +144,15 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
             log.info("%s: %s exists, skipped (delete it to train it again)", stage.name, stage.output)
             continue
         stage_dir = run_dir / stage.name
-        stage_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: training into %s (exports %s)", stage.name, stage_dir, stage.output)
-        check_inputs(stage_cfg, stage_dir)
         train = train_vae if stage.vae else train_classifier
-        train(stage_cfg, stage_dir, group)
+        with admitted(stage_cfg, stage_dir):
+            train(stage_cfg, stage_dir, group)
         done.append(stage.name)
     if not cfg.reproduce.evaluate:
         return {"trained": done}
     eval_dir = run_dir / "evaluation"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    check_inputs(evaluation, eval_dir)
-    summary = evaluate_models(evaluation, eval_dir, group)
+    with admitted(evaluation, eval_dir):
+        summary = evaluate_models(evaluation, eval_dir, group)
     log.info("table over seeds and figures: python -m analysis.report %s", eval_dir)
     return {"trained": done, **summary}

@@ -49,9 +49,11 @@ class Checkpoints(Callback):
     def save(self, trainer: Trainer) -> dict[str, Any]:
         state = trainer.state_dict() | self.extra
         if not checkpoints.all_finite(state["model"], state["optimizer"]["state"]):
+            kept = (
+                f"the last finite checkpoint {self.last} is kept" if self.last.is_file() else "no checkpoint was saved"
+            )
             raise NonFiniteLossError(
-                f"non-finite weights after step {trainer.step} (epoch {trainer.epoch}); not saved, the last finite "
-                f"checkpoint {self.last} is kept"
+                f"non-finite weights after step {trainer.step} (epoch {trainer.epoch}); not saved, {kept}"
             )
         checkpoints.save_atomic(state, self.last)
         self.last_saved = trainer.step
@@ -59,15 +61,16 @@ class Checkpoints(Callback):
 
 
 class Metrics(Callback):
-    """Train losses at every log point and the epoch's record to the tracker (``metrics.jsonl``, W&B). On resume,
-    records logged after the checkpoint are dropped: the steps after it run again and log them again."""
+    """Train losses at every log point and the epoch's record to the tracker (``metrics.jsonl``, W&B). At the start,
+    records of steps after the one training starts from are dropped (all of them on a fresh start): they were
+    logged by an earlier attempt killed before its next checkpoint, and the steps run again and log them again, so
+    every step is in the file once."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.resumed_from is not None:
-            self.tracker.forget_after(trainer.step)
+        self.tracker.forget_after(trainer.step)
 
     def on_log(self, trainer: Trainer, means: dict[str, float]) -> None:
         self.tracker.log({f"train/{k}": v for k, v in means.items()} | {"epoch": trainer.epoch}, step=trainer.step)

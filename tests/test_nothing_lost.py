@@ -60,6 +60,28 @@ def test_a_file_whose_pickle_runs_code_is_refused_by_every_loader_and_nothing_ru
     assert not marker.exists()
 
 
+def test_a_plain_pickle_or_an_empty_file_as_a_checkpoint_is_named_without_torchs_warning(tmp_path):
+    import pickle
+    import warnings
+
+    plain, empty = tmp_path / "last.pt", tmp_path / "best.pt"
+    plain.write_bytes(pickle.dumps({"model": {}, "epoch": 1}))  # protocol 5: torch says "Unsupported operand 149"
+    empty.write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the pickle protocol would fail the test
+        with pytest.raises(checkpoints.CheckpointError) as refused:
+            checkpoints.load_training_state(plain)
+        assert str(refused.value) == (
+            f"cannot read checkpoint {plain}: it is not a file torch.save wrote (neither a zip archive nor torch's "
+            "legacy format)"
+        )
+        with pytest.raises(checkpoints.CheckpointError, match=f"^cannot read checkpoint {empty}: it is empty$"):
+            checkpoints.load(empty)
+    legacy = tmp_path / "legacy.pt"  # torch's format before 1.6 still loads
+    torch.save({"model": {"w": torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(checkpoints.load(legacy)["model"]["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("name", ["VAE_epoch50.pth", "classifier.pth", "judge.pth", "seeds/VAE_seed1_epoch50.pth"])
 def test_every_shipped_file_loads_with_weights_only(name):
     state = checkpoints.load(WEIGHTS / name)  # torch.load(weights_only=True)

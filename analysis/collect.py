@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from semvae.variants import variant_of
@@ -69,9 +70,24 @@ def read_json(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunFileError(f"cannot read {path}: {error}") from None
+    except RecursionError:  # Python's parser recurses once per level
+        raise RunFileError(f"cannot read {path}: nested too deeply (no run writes more than a few levels)") from None
     if not isinstance(record, dict):
         raise RunFileError(f"cannot read {path}: not a JSON object")
     return {key: _number(value) for key, value in record.items()}
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A run's ``.npy`` file (``latent_norms.npy``) as a float array; RunFileError naming it when it cannot be read
+    or holds Python objects (which ``allow_pickle=False`` refuses to unpickle) or anything but numbers."""
+    try:
+        with path.open("rb") as f:
+            array = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise RunFileError(f"cannot read {path}: {error}") from None
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise RunFileError(f"cannot read {path}: not an array of numbers")
+    return array.astype(float)
 
 
 def _number(value: Any) -> Any:

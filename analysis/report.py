@@ -13,6 +13,7 @@ report says why.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def write_report(
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write report.md, comparison.csv and figures for a folder of runs.")
     parser.add_argument("path", help="a run, a sweep folder, outputs/, or wandb:ENTITY/PROJECT")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH/report; needed for W&B)")
@@ -248,9 +249,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"{args.path}: no such folder")
     try:
         print(write_report(args.path, args.out, args.confidence, args.by_metric, args.baseline))
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a run file that cannot be read (RunFileError), a --baseline of no run: one line
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -353,6 +353,32 @@ def test_report_names_a_damaged_run_file_and_reads_nan_metrics(tmp_path):
         collect_runs(tmp_path / "runs")
 
 
+def test_report_names_a_summary_nested_too_deeply_and_an_object_npy_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from analysis.report import main
+
+    config_ = {"seed": 0, "variant": "vae", "loss": {"beta": 1.0, "semantic_weight": 0.0}, "task": {"name": "train"}}
+    for seed in (0, 1):
+        _write(tmp_path / "runs" / str(seed) / "config.json", config_ | {"seed": seed})
+        _write(tmp_path / "runs" / str(seed) / "summary.json", {"status": "finished", "test/mse": 0.1 + seed})
+        np.save(tmp_path / "runs" / str(seed) / "latent_norms.npy", np.linspace(1, 3, 5, dtype=np.float32))
+    out = str(tmp_path / "report")
+    assert not main([str(tmp_path / "runs"), "--out", out])
+    capsys.readouterr()
+    norms = tmp_path / "runs" / "1" / "latent_norms.npy"
+    np.save(norms, np.array([{"a": 1}, None], dtype=object))  # would unpickle Python objects
+    assert main([str(tmp_path / "runs"), "--out", out]) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: cannot read {norms}: Object arrays cannot be loaded when allow_pickle=False\n"
+    norms.unlink()
+    deep = tmp_path / "runs" / "1" / "summary.json"
+    _write(deep, "[" * 100_000 + "]" * 100_000)  # Python's parser recurses once per level
+    assert main([str(tmp_path / "runs"), "--out", out]) == 2
+    nested = f"error: cannot read {deep}: nested too deeply (no run writes more than a few levels)\n"
+    assert capsys.readouterr().err == nested
+
+
 def test_a_stop_during_the_evaluation_after_training_keeps_the_training_and_resumes_with_the_evaluation(
     tmp_path, monkeypatch
 ):

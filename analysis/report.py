@@ -84,6 +84,11 @@ def _counts(source: str, runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _seeds(table: pd.DataFrame) -> pd.Series:
+    """The runs (seeds) of each group of a comparison table: the most that any metric has."""
+    return table.xs("n", axis=1, level=1).max(axis=1)
+
+
 def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
     if failed.empty:
         return []
@@ -202,6 +207,9 @@ def write_report(
         varied = f" and value of {', '.join(by[1:])}, the settings that differ between the runs" if by[1:] else ""
         lines += [f"One group per variant{varied}.", ""]
         lines += [render(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+        single = [" ".join(map(str, k if isinstance(k, tuple) else (k,))) for k in table.index[_seeds(table) == 1]]
+        if single:
+            lines += ["", f"Read from one seed, so the mean alone and no interval: {', '.join(single)}."]
         for baseline in baselines:
             lines += _differences(vaes, by, baseline, confidence, render, out)
 

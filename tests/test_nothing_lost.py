@@ -353,6 +353,27 @@ def test_report_names_a_damaged_run_file_and_reads_nan_metrics(tmp_path):
         collect_runs(tmp_path / "runs")
 
 
+def test_report_counts_a_settings_and_seed_once_and_says_when_a_group_has_one_seed(tmp_path, caplog):
+    vae = {"seed": 0, "variant": "vae", "loss": {"beta": 1.0, "semantic_weight": 0.0}, "task": {"name": "train_vae"}}
+    beta = vae | {"variant": "beta", "loss": {"beta": 5.0, "semantic_weight": 0.0}}
+    first, rerun = tmp_path / "runs" / "2026-01-01" / "vae_s0", tmp_path / "runs" / "2026-01-02" / "vae_s0"
+    runs = {first: (vae, 0.1), rerun: (vae, 0.1), tmp_path / "runs" / "2026-01-01" / "vae_s1": (vae | {"seed": 1}, 0.3)}
+    runs[tmp_path / "runs" / "2026-01-01" / "beta_s0"] = (beta, 0.5)
+    for folder, (config_, mse) in runs.items():  # the rerun of a sweep: only its folder and logger group differ
+        _write(folder / "config.json", config_ | {"logger": {"group": folder.parent.name}, "paths": {"root": "x"}})
+        _write(folder / "summary.json", {"status": "finished", "test/mse": mse})
+    _write(rerun / "summary.json", {"status": "finished", "test/mse": 0.1, "val/mse": 0.2})
+    with caplog.at_level(logging.WARNING, logger="analysis.collect"):
+        frame = collect_runs(tmp_path / "runs")
+    assert sorted(frame["run"]) == sorted(str(f) for f in runs if f != rerun)
+    assert frame.loc[frame["run"] == str(first), "val/mse"].item() == 0.2  # what only the rerun measured is kept
+    assert f"{first} and {rerun} hold the same settings and seed 0: counted once, as {first}" in caplog.text
+    text = write_report(tmp_path / "runs", tmp_path / "report").read_text()
+    assert "- finished runs: 3 (vae: 2, beta: 1)" in text and "- seeds: 2 (0, 1)" in text
+    assert "| vae | 1.0 | 2 | 0.2 ± " in text  # two seeds: 0.1 and 0.3, not 0.1, 0.1 and 0.3
+    assert "Read from one seed, so the mean alone and no interval: beta 5.0." in text
+
+
 def test_report_names_a_summary_nested_too_deeply_and_an_object_npy_in_one_line(tmp_path, capsys):
     import numpy as np
 

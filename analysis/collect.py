@@ -14,16 +14,49 @@ summary's metrics (``val/mse``, ``test/gsv_norm_heldout``, ...).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from semvae.variants import variant_of
 
 BASE_COLUMNS = ["source", "run", "run_dir", "status", "variant"]
+log = logging.getLogger(__name__)
+
+# Config keys that say where and how a run was kept, not what was trained: two runs that differ only in these (and
+# derived counts) with the same seed are one measurement, counted once (``drop_duplicate_runs``).
+NOT_SETTINGS = (
+    "name",
+    "objectives",
+    "n_train",
+    "n_val",
+    "paths.",
+    "logger.",
+    "reproduce.",
+    "evaluation.",
+    "task.export",
+    "task.overwrite",
+    "task.evaluate",
+    "runtime.device",
+    "runtime.num_threads",
+    "runtime.channels_last",
+    "data.root",
+    "data.mirror",
+    "data.download",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.n_image_samples",
+    "classifier.checkpoint",
+    "seed",
+)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -40,7 +73,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _row(source: str, run: str, run_dir: str | None, config: dict[str, Any], summary: dict[str, Any]) -> dict:
     """One run as a flat row; a training run without a recorded variant gets the one its loss weights define."""
-    row = {"source": source, "run": run, "run_dir": run_dir, **flatten(config), **flatten(summary)}
+    flat = flatten(config)
+    settings = {k: v for k, v in flat.items() if not k.startswith(NOT_SETTINGS)}
+    identity = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    row = {"source": source, "run": run, "run_dir": run_dir, **flat, **flatten(summary)}
+    row["settings_id"] = identity if settings else None  # shared by the runs that differ only in their seed
     task = row.get("task.name", "train_vae")  # "train" before the tasks were named train_vae / train_classifier
     trains_a_vae = task in ("train", "train_vae") and "loss.beta" in row and "loss.semantic_weight" in row
     if row.get("variant") is None and trains_a_vae:
@@ -54,9 +91,38 @@ def _frame(rows: Iterable[dict[str, Any]], include_unfinished: bool) -> pd.DataF
     for column in BASE_COLUMNS:
         if column not in frame:
             frame[column] = None
+    frame = drop_duplicate_runs(frame)
     if not include_unfinished:
         frame = frame[frame["status"] == "finished"].reset_index(drop=True)
     return frame[BASE_COLUMNS + [c for c in frame.columns if c not in BASE_COLUMNS]]
+
+
+def drop_duplicate_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (settings, seed) among the finished runs: a sweep run again into a new folder, or a training run
+    beside the evaluation of its model, is one measurement, not two seeds. Of runs that share ``settings_id`` and
+    ``seed``, the first by ``run`` (its folder; for W&B its path) is kept: chosen from names alone, so the report is the
+    same on every copy of the folders (file times are not kept by every copy), and with Hydra's dated folders it is
+    the earliest launch. The kept row takes the values it lacks from the others (the test metrics of an evaluation
+    of its model, say). Each row left out is named in a warning beside the row kept."""
+    if "settings_id" not in frame or "seed" not in frame or frame.empty:
+        return frame
+    finished = frame["status"].eq("finished") & frame["settings_id"].notna() & frame["seed"].notna()
+    dropped = []
+    for _, group in frame[finished].sort_values("run").groupby(["settings_id", "seed"], sort=False):
+        if len(group) < 2:
+            continue
+        kept = group.index[0]
+        frame.loc[kept] = group.bfill().iloc[0]
+        for other in group.index[1:]:
+            log.warning(
+                "%s and %s hold the same settings and seed %s: counted once, as %s",
+                group.at[kept, "run"],
+                group.at[other, "run"],
+                group.at[kept, "seed"],
+                group.at[kept, "run"],
+            )
+            dropped.append(other)
+    return frame.drop(index=dropped).reset_index(drop=True)
 
 
 class RunFileError(ValueError):
@@ -69,9 +135,24 @@ def read_json(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunFileError(f"cannot read {path}: {error}") from None
+    except RecursionError:  # Python's parser recurses once per level
+        raise RunFileError(f"cannot read {path}: nested too deeply (no run writes more than a few levels)") from None
     if not isinstance(record, dict):
         raise RunFileError(f"cannot read {path}: not a JSON object")
     return {key: _number(value) for key, value in record.items()}
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A run's ``.npy`` file (``latent_norms.npy``) as a float array; RunFileError naming it when it cannot be read
+    or holds Python objects (which ``allow_pickle=False`` refuses to unpickle) or anything but numbers."""
+    try:
+        with path.open("rb") as f:
+            array = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise RunFileError(f"cannot read {path}: {error}") from None
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise RunFileError(f"cannot read {path}: not an array of numbers")
+    return array.astype(float)
 
 
 def _number(value: Any) -> Any:

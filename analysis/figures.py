@@ -15,6 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from analysis.collect import read_array
 from analysis.tables import comparison_table, is_false, raw_term, variant_rank
 from semvae.evaluation.report import latent_norm_density, save_figure
 from semvae.variants import run_name
@@ -250,7 +251,7 @@ def load_latent_norms(frame: pd.DataFrame) -> pd.DataFrame:
         if not isinstance(file, str) and isinstance(run.get("run_dir"), str):
             file = Path(run["run_dir"]) / "latent_norms.npy"
         if isinstance(file, str | Path) and Path(file).exists():
-            norms = np.load(file).astype(float).ravel()
+            norms = read_array(Path(file)).ravel()
             labels = {"run": run.get("run"), "variant": run.get("variant"), "setting": setting_label(run)}
             parts.append(pd.DataFrame({**labels, "norm": norms}))
     columns = ["run", "variant", "setting", "norm"]

@@ -13,6 +13,7 @@ report says why.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def _counts(source: str, runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
         f"- seeds: {len(seeds)}" + (f" ({', '.join(str(s) for s in seeds)})" if seeds else ""),
     ]
     return lines
+
+
+def _seeds(table: pd.DataFrame) -> pd.Series:
+    """The runs (seeds) of each group of a comparison table: the most that any metric has."""
+    return table.xs("n", axis=1, level=1).max(axis=1)
 
 
 def _failures(failed: pd.DataFrame, root: Path) -> list[str]:
@@ -201,6 +207,9 @@ def write_report(
         varied = f" and value of {', '.join(by[1:])}, the settings that differ between the runs" if by[1:] else ""
         lines += [f"One group per variant{varied}.", ""]
         lines += [render(table).rstrip("\n"), "", "As CSV: [comparison.csv](comparison.csv)"]
+        single = [" ".join(map(str, k if isinstance(k, tuple) else (k,))) for k in table.index[_seeds(table) == 1]]
+        if single:
+            lines += ["", f"Read from one seed, so the mean alone and no interval: {', '.join(single)}."]
         for baseline in baselines:
             lines += _differences(vaes, by, baseline, confidence, render, out)
 
@@ -229,7 +238,7 @@ def write_report(
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write report.md, comparison.csv and figures for a folder of runs.")
     parser.add_argument("path", help="a run, a sweep folder, outputs/, or wandb:ENTITY/PROJECT")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: PATH/report; needed for W&B)")
@@ -248,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"{args.path}: no such folder")
     try:
         print(write_report(args.path, args.out, args.confidence, args.by_metric, args.baseline))
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # a run file that cannot be read (RunFileError), a --baseline of no run: one line
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

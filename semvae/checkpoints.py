@@ -113,6 +113,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_format(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -128,6 +129,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a semvae checkpoint (no 'model' entry)")
     return state
+
+
+# what a file torch.save wrote starts with: a zip archive (torch >= 1.6), or the pickled magic number of the legacy
+# format (protocol 2, then 0x1950a86a20f9469cfc6c); anything else, a plain pickle say, is not a checkpoint
+TORCH_FORMATS = (b"PK\x03\x04", b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19")
+
+
+def _check_format(path: Path) -> None:
+    """CheckpointError unless ``path`` starts as a torch.save file does; torch's own error for a plain pickle is
+    "Unsupported operand 149", after a warning about pickle protocols."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(TORCH_FORMATS[1]))
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    if not head.startswith(TORCH_FORMATS):
+        what = "empty" if not head else "not a file torch.save wrote (neither a zip archive nor torch's legacy format)"
+        raise CheckpointError(f"cannot read checkpoint {path}: it is {what}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -151,10 +151,22 @@ def read_idx(path: Path, ndim: int) -> Tensor:
             f"{path} holds {data[3]}-dimensional items of type {data[2]:#04x}, not {ndim}-dimensional uint8"
         )
     shape = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
+    if math.prod(shape) == 0:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
 
 
+IMAGE_SIZE = (28, 28)  # of MNIST and Fashion-MNIST; the models' three resolutions (28, 14, 7) assume it
+
+
 def _as_split(data: Tensor, targets: Tensor, images_file: Path, labels_file: Path) -> Split:
+    if len(data) == 0:
+        raise DataError(f"{images_file} holds no images; replace it (README, 'Data')")
+    if tuple(data.shape[1:]) != IMAGE_SIZE:
+        raise DataError(
+            f"{images_file} holds {data.shape[1]}x{data.shape[2]}-pixel images where {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
+            "are expected; replace it (README, 'Data')"
+        )
     if len(data) != len(targets):
         raise DataError(
             f"{labels_file} holds {len(targets)} labels for {len(data)} images in {images_file}: the two files must "
@@ -195,8 +207,11 @@ def _check_idx(path: Path, data: bytes) -> None:
     dims = [int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)]
     expected = 4 + 4 * ndim + item_size * math.prod(dims)
     if len(data) != expected:
+        # 255 large dimensions announce a number of thousands of digits: its order of magnitude says enough
+        digits = int((expected.bit_length() - 1) * math.log10(2))
+        announced = f"{expected}" if expected < 10**15 else f"over 10^{digits}"
         raise DataError(
-            f"{path} is damaged: {len(data)} bytes where its header announces {expected}; replace it (README, 'Data')"
+            f"{path} is damaged: {len(data)} bytes where its header announces {announced}; replace it (README, 'Data')"
         )
 
 

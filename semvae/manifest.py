@@ -15,13 +15,14 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from semvae import checkpoints
-from semvae.data import Split, load_split
+from semvae.data import DataError, Split, load_split
 
 SLICE = 256  # the first test images: cheap enough to check every shipped file on every test run
 CHECK_METRIC = {"vae": "mse", "classifier": "nll"}  # the number recorded for each kind of model
@@ -33,6 +34,41 @@ def sha256(path: str | Path) -> str:
 
 class ManifestError(RuntimeError):
     """A shipped file no longer measures what its manifest entry recorded."""
+
+
+class ManifestFileError(ValueError):
+    """``manifest.json`` cannot be read, or an entry is not one ``write_manifest`` writes; the message names it."""
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries recorded in ``path`` (none when there is no file yet), one object per model file."""
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise ManifestFileError(f"cannot read {path}: {error}") from None
+    if not isinstance(recorded, dict) or not all(isinstance(entry, dict) for entry in recorded.values()):
+        raise ManifestFileError(f"{path} is not a manifest: one object per model file expected")
+    return recorded
+
+
+def recorded_slice(check: Any, n_test: int) -> tuple[int, int] | None:
+    """The test images ``[start, stop)`` a recorded check was made on, None for an entry without one; ValueError for a
+    check no version of this module writes (a metric by name, a number, a slice within the test split)."""
+    if not check:
+        return None
+    if not isinstance(check, dict):
+        raise ValueError("not an object")
+    span, metric, value = check.get("test_slice"), check.get("metric"), check.get("value")
+    if not (span and metric):
+        return None
+    pair = isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
+    if not (pair and 0 <= span[0] < span[1] <= n_test):
+        raise ValueError(f"test_slice must be [start, stop] within the {n_test} test images")
+    if not isinstance(metric, str) or type(value) not in (int, float):
+        raise ValueError("its metric must be a name and its value a number")
+    return span[0], span[1]
 
 
 def check_value(path: str | Path, test: Split) -> tuple[str, float]:
@@ -90,7 +126,7 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
     made (ManifestError if it no longer holds, and nothing is written), then the check is made anew."""
     weights_dir = Path(weights_dir)
     path = weights_dir / "manifest.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_manifest(path)
     split = load_split("mnist", data_root, train=False, download=False)
     test = split.subset(torch.arange(SLICE))
     manifest = {}
@@ -100,12 +136,16 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
         if kept is None or kept.get("sha256") != digest:
             manifest[name] = entry(file, test, digest)
             continue
-        check = kept.get("check") or {}
-        if check.get("test_slice") == [0, SLICE] and check.get("metric") == CHECK_METRIC.get(kept.get("kind")):
+        check = kept.get("check")
+        try:
+            span = recorded_slice(check, len(split))
+        except ValueError as error:
+            raise ManifestFileError(f"{path}: the check recorded for {name} is damaged: {error}") from None
+        if span == (0, SLICE) and check.get("metric") == CHECK_METRIC.get(kept.get("kind")):
             manifest[name] = kept
             continue
-        if check.get("test_slice") and check.get("metric"):  # the old check must still hold before it is replaced
-            then = measure(file, split.subset(torch.arange(*check["test_slice"])))[1].get(check["metric"])
+        if span is not None:  # the old check must still hold before it is replaced
+            then = measure(file, split.subset(torch.arange(*span)))[1].get(check["metric"])
             if then is None or abs(then - check["value"]) > 1e-5:
                 raise ManifestError(
                     f"{file}: its recorded {check['metric']} on test images {check['test_slice']} was "
@@ -113,11 +153,13 @@ def write_manifest(weights_dir: str | Path, data_root: str | Path) -> Path:
                 )
         metric, value = check_value(file, test)
         manifest[name] = kept | {"check": {"metric": metric, "test_slice": [0, SLICE], "value": value}}
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    checkpoints.write_text_atomic(json.dumps(manifest, indent=2) + "\n", path)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 once the manifest is written; one line on stderr and 1 when a recorded check no longer
+    holds or the file cannot be written, 2 when a model file, the manifest or the data cannot be read."""
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description="Write weights/manifest.json")
     parser.add_argument("--weights", default=str(root / "weights"))
@@ -125,9 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(write_manifest(args.weights, args.data))
-    except ManifestError as error:
-        raise SystemExit(f"error: {error}") from None
+    except (ManifestError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ManifestFileError, checkpoints.CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

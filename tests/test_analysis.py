@@ -133,7 +133,7 @@ def test_collect_wandb_flattens_config_and_summary_like_local_runs(monkeypatch, 
     summary = {"status": "finished", "val/mse": 0.03, "test/gsv_norm_heldout": 0.4}
     runs = [
         _FakeRun("a1", config | {"_wandb": {"cli_version": "0.31"}}, summary | {"_step": 9, "_runtime": 3.0}),
-        _FakeRun("b2", config, summary | {"images": {"_type": "images/separated", "count": 8}}),
+        _FakeRun("b2", config | {"seed": 2}, summary | {"images": {"_type": "images/separated", "count": 8}}),
         _FakeRun("c3", config, {"val/mse": 0.5}, state="crashed"),  # no status in its summary: W&B's state counts
     ]
     calls = _fake_wandb(monkeypatch, runs)

@@ -39,6 +39,33 @@ def test_an_idx_file_of_another_shape_is_named(tmp_path):
         load_split("mnist", tmp_path, train=False, download=False)
 
 
+def _idx(path: Path, dims: list[int], items: bytes = b"") -> Path:
+    """An IDX file of uint8 items: its header announces ``dims``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + items)
+    return path
+
+
+@pytest.mark.parametrize(("n", "size", "expected"), [(0, 28, "holds no images"), (3, 2, "holds 2x2-pixel images")])
+def test_an_idx_file_of_no_images_or_of_small_images_is_named(tmp_path, n, size, expected):
+    raw = tmp_path / "MNIST" / "raw"
+    images = _idx(raw / "t10k-images-idx3-ubyte", [n, size, size], bytes(n * size * size))
+    _idx(raw / "t10k-labels-idx1-ubyte", [n], bytes(n))
+    with pytest.raises(DataError, match=re.escape(f"{images} {expected}")):
+        load_split("mnist", tmp_path, train=False, download=False)
+
+
+def test_an_idx_header_of_255_huge_dimensions_is_named_in_a_short_line(tmp_path):
+    """The size such a header announces has over 2,000 digits; the message gives its order of magnitude."""
+    raw = tmp_path / "MNIST" / "raw"
+    images = _idx(raw / "t10k-images-idx3-ubyte", [2**31 - 1] * 255)
+    _idx(raw / "t10k-labels-idx1-ubyte", [1], bytes(1))
+    with pytest.raises(DataError) as refused:
+        load_split("mnist", tmp_path, train=False, download=False)
+    message = str(refused.value)
+    assert message.startswith(f"{images} is damaged: 1024 bytes where its header announces over 10^2379;")
+
+
 def test_validation_split_is_fixed_by_its_seed_and_disjoint():
     full = load_split("mnist", DATA_DIR, train=True, download=False)
     tr1, va1 = train_val_split(full, 2000, seed=0)

@@ -144,6 +144,28 @@ def test_a_stored_row_is_kept_for_the_same_file_content_and_settings_wherever_th
     assert norms["a"].tolist() == [2.0, 2.0, 2.0]
 
 
+def test_a_damaged_stored_row_or_norms_file_is_named_and_its_model_evaluated_again(tmp_path, caplog):
+    settings = {"n_points": 10}
+    damaged = {
+        "torn": ('{"model": "torn", "checkpoint_sha256": "a', np.ones(3)),
+        "list": ("[1, 2]", np.ones(3)),
+        "deep": ("[" * 100_000 + "]" * 100_000, np.ones(3)),
+        "objects": (None, np.array([{"a": 1}], dtype=object)),  # np.load would have to unpickle it
+        "good": (None, np.ones(3)),
+    }
+    for name, (text, norms) in damaged.items():
+        row = {"model": name, "checkpoint_sha256": name, "mse": 0.5, "settings": settings}
+        (tmp_path / f"{name}.json").write_text(text if text is not None else json.dumps(row))
+        np.save(tmp_path / f"{name}_latent_norms.npy", norms)
+    files = {name: (f"{name}.pth", name) for name in damaged}
+    with caplog.at_level(logging.WARNING, logger="semvae.tasks.evaluate"):
+        rows, norms = kept_rows(tmp_path, files, settings)
+    assert list(rows) == ["good"] and list(norms) == ["good"]  # the four others are measured again
+    for file in ("torn.json", "list.json", "deep.json", "objects_latent_norms.npy"):
+        assert f"{tmp_path / file} cannot be read (" in caplog.text, file
+    assert caplog.text.count("; its model is evaluated again") == 4
+
+
 @pytest.mark.slow
 def test_sigterm_stops_an_evaluation_within_seconds_and_the_same_command_evaluates_only_the_rest(tmp_path, caplog):
     run_dir = tmp_path / "eval"

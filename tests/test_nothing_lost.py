@@ -60,6 +60,28 @@ def test_a_file_whose_pickle_runs_code_is_refused_by_every_loader_and_nothing_ru
     assert not marker.exists()
 
 
+def test_a_plain_pickle_or_an_empty_file_as_a_checkpoint_is_named_without_torchs_warning(tmp_path):
+    import pickle
+    import warnings
+
+    plain, empty = tmp_path / "last.pt", tmp_path / "best.pt"
+    plain.write_bytes(pickle.dumps({"model": {}, "epoch": 1}))  # protocol 5: torch says "Unsupported operand 149"
+    empty.write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the pickle protocol would fail the test
+        with pytest.raises(checkpoints.CheckpointError) as refused:
+            checkpoints.load_training_state(plain)
+        assert str(refused.value) == (
+            f"cannot read checkpoint {plain}: it is not a file torch.save wrote (neither a zip archive nor torch's "
+            "legacy format)"
+        )
+        with pytest.raises(checkpoints.CheckpointError, match=f"^cannot read checkpoint {empty}: it is empty$"):
+            checkpoints.load(empty)
+    legacy = tmp_path / "legacy.pt"  # torch's format before 1.6 still loads
+    torch.save({"model": {"w": torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(checkpoints.load(legacy)["model"]["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("name", ["VAE_epoch50.pth", "classifier.pth", "judge.pth", "seeds/VAE_seed1_epoch50.pth"])
 def test_every_shipped_file_loads_with_weights_only(name):
     state = checkpoints.load(WEIGHTS / name)  # torch.load(weights_only=True)
@@ -329,6 +351,53 @@ def test_report_names_a_damaged_run_file_and_reads_nan_metrics(tmp_path):
     _write(tmp_path / "runs" / "1" / "summary.json", '{"status": "finis')
     with pytest.raises(RunFileError, match=f"cannot read {tmp_path / 'runs' / '1' / 'summary.json'}"):
         collect_runs(tmp_path / "runs")
+
+
+def test_report_counts_a_settings_and_seed_once_and_says_when_a_group_has_one_seed(tmp_path, caplog):
+    vae = {"seed": 0, "variant": "vae", "loss": {"beta": 1.0, "semantic_weight": 0.0}, "task": {"name": "train_vae"}}
+    beta = vae | {"variant": "beta", "loss": {"beta": 5.0, "semantic_weight": 0.0}}
+    first, rerun = tmp_path / "runs" / "2026-01-01" / "vae_s0", tmp_path / "runs" / "2026-01-02" / "vae_s0"
+    runs = {first: (vae, 0.1), rerun: (vae, 0.1), tmp_path / "runs" / "2026-01-01" / "vae_s1": (vae | {"seed": 1}, 0.3)}
+    runs[tmp_path / "runs" / "2026-01-01" / "beta_s0"] = (beta, 0.5)
+    for folder, (config_, mse) in runs.items():  # the rerun of a sweep: only its folder and logger group differ
+        _write(folder / "config.json", config_ | {"logger": {"group": folder.parent.name}, "paths": {"root": "x"}})
+        _write(folder / "summary.json", {"status": "finished", "test/mse": mse})
+    _write(rerun / "summary.json", {"status": "finished", "test/mse": 0.1, "val/mse": 0.2})
+    with caplog.at_level(logging.WARNING, logger="analysis.collect"):
+        frame = collect_runs(tmp_path / "runs")
+    assert sorted(frame["run"]) == sorted(str(f) for f in runs if f != rerun)
+    assert frame.loc[frame["run"] == str(first), "val/mse"].item() == 0.2  # what only the rerun measured is kept
+    assert f"{first} and {rerun} hold the same settings and seed 0: counted once, as {first}" in caplog.text
+    text = write_report(tmp_path / "runs", tmp_path / "report").read_text()
+    assert "- finished runs: 3 (vae: 2, beta: 1)" in text and "- seeds: 2 (0, 1)" in text
+    assert "| vae | 1.0 | 2 | 0.2 ± " in text  # two seeds: 0.1 and 0.3, not 0.1, 0.1 and 0.3
+    assert "Read from one seed, so the mean alone and no interval: beta 5.0." in text
+
+
+def test_report_names_a_summary_nested_too_deeply_and_an_object_npy_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from analysis.report import main
+
+    config_ = {"seed": 0, "variant": "vae", "loss": {"beta": 1.0, "semantic_weight": 0.0}, "task": {"name": "train"}}
+    for seed in (0, 1):
+        _write(tmp_path / "runs" / str(seed) / "config.json", config_ | {"seed": seed})
+        _write(tmp_path / "runs" / str(seed) / "summary.json", {"status": "finished", "test/mse": 0.1 + seed})
+        np.save(tmp_path / "runs" / str(seed) / "latent_norms.npy", np.linspace(1, 3, 5, dtype=np.float32))
+    out = str(tmp_path / "report")
+    assert not main([str(tmp_path / "runs"), "--out", out])
+    capsys.readouterr()
+    norms = tmp_path / "runs" / "1" / "latent_norms.npy"
+    np.save(norms, np.array([{"a": 1}, None], dtype=object))  # would unpickle Python objects
+    assert main([str(tmp_path / "runs"), "--out", out]) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: cannot read {norms}: Object arrays cannot be loaded when allow_pickle=False\n"
+    norms.unlink()
+    deep = tmp_path / "runs" / "1" / "summary.json"
+    _write(deep, "[" * 100_000 + "]" * 100_000)  # Python's parser recurses once per level
+    assert main([str(tmp_path / "runs"), "--out", out]) == 2
+    nested = f"error: cannot read {deep}: nested too deeply (no run writes more than a few levels)\n"
+    assert capsys.readouterr().err == nested
 
 
 def test_a_stop_during_the_evaluation_after_training_keeps_the_training_and_resumes_with_the_evaluation(

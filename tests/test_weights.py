@@ -95,3 +95,43 @@ def test_the_manifest_keeps_recorded_entries_and_measures_new_files_and_other_ch
     shutil.copy(ROOT / "weights" / "b5-VAE_epoch50.pth", weights / "seeds" / "VAE_seed0_epoch50.pth")  # a changed file
     third = json.loads(manifest.write_manifest(weights, DATA_DIR).read_text())["seeds/VAE_seed0_epoch50.pth"]
     assert third["sha256"] == MANIFEST["b5-VAE_epoch50.pth"]["sha256"] and third["created"] != "kept"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "status", "message"),
+    [
+        ("{", 2, "cannot read {manifest}: Expecting property name"),
+        ("[" * 100_000 + "]" * 100_000, 2, "cannot read {manifest}: maximum recursion depth exceeded"),
+        ([], 2, "{manifest} is not a manifest: one object per model file expected"),
+        ({"VAE.pth": 5}, 2, "{manifest} is not a manifest: one object per model file expected"),
+        ({"check": "x"}, 2, "{manifest}: the check recorded for VAE.pth is damaged: not an object"),
+        ({"check": {"metric": "mse", "test_slice": [0, 10**12], "value": 1}}, 2, "test_slice must be [start, stop] wi"),
+        ({"check": {"metric": ["mse"], "test_slice": [0, 3], "value": 1}}, 2, "its metric must be a name and its val"),
+        ({"check": {"metric": "mse", "test_slice": [0, 3], "value": 1}}, 1, "its recorded mse on test images [0, 3] w"),
+        (None, 2, "cannot read checkpoint {weights}/evil.pth: it is not a file torch.save wrote"),
+    ],
+)
+def test_the_manifest_command_names_a_crafted_file_in_one_line(
+    tmp_path, monkeypatch, capsys, recorded, status, message
+):
+    """A damaged manifest, a recorded check no version writes (a slice of a trillion images would be allocated), a
+    check that no longer holds, a model file that is not one: one line on stderr, exit 2 (1: the check failed), and
+    the manifest as it was."""
+    monkeypatch.setattr(manifest, "SLICE", 4)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(ROOT / "weights" / "VAE_epoch50.pth", weights / "VAE.pth")
+    path = weights / "manifest.json"
+    if recorded is None:
+        (weights / "evil.pth").write_bytes(b"\x80\x04K\x01.")  # a plain pickle
+    elif isinstance(recorded, dict) and "check" in recorded:
+        entry = {"sha256": sha256(weights / "VAE.pth"), "kind": "vae"}
+        path.write_text(json.dumps({"VAE.pth": entry | recorded}))
+    else:
+        path.write_text(recorded if isinstance(recorded, str) else json.dumps(recorded))
+    before = path.read_text() if path.exists() else None
+    assert manifest.main(["--weights", str(weights), "--data", str(DATA_DIR)]) == status
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert message.format(manifest=path, weights=weights) in err
+    assert (path.read_text() if path.exists() else None) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,31 @@ def kept_rows(
         record, norm_file = models_dir / f"{name}.json", models_dir / f"{name}_latent_norms.npy"
         if not (record.is_file() and norm_file.is_file()):
             continue
-        saved = json.loads(record.read_text())
-        if saved.get("checkpoint_sha256") == digest and saved.get("settings") == settings:
+        saved = _readable(record, _json_object)
+        if saved is None or saved.get("checkpoint_sha256") != digest or saved.get("settings") != settings:
+            continue
+        norm = _readable(norm_file, lambda file: np.load(file, allow_pickle=False).astype(np.float32))
+        if norm is not None:
             rows[name] = {k: v for k, v in saved.items() if k not in ("config", "settings")} | {"checkpoint": path}
-            norms[name] = torch.from_numpy(np.load(norm_file))
+            norms[name] = torch.from_numpy(norm)
     return rows, norms
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
+def _readable(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, or None with a warning naming the file when it is damaged (a torn copy, a crafted file): its
+    model is then evaluated again and the file replaced."""
+    try:
+        return read(path)
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and numpy's refusals are ValueErrors
+        log.warning("%s cannot be read (%s); its model is evaluated again", path, error)
+        return None
 
 
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def mean_pm(mean: float, half_width: float, n: int, scale: float = 1) -> str:
     if n < 2 or not math.isfinite(half_width):
         return f"{mean:.{significant(mean, 3)}f}"
     if half_width == 0:
-        return f"{mean:.{significant(mean, 3)}f} ± 0"
+        return f"{mean:.3g} ± 0"
     places = significant(half_width)
     return f"{mean:.{places}f} ± {half_width:.{places}f}"
 

@@ -120,7 +120,7 @@ def headline() -> str:
 def differences() -> str:
     """The semantic VAE minus the VAE and minus the β-VAE: difference of means ± Welch half-width, bold where the
     interval leaves out 0."""
-    sides = {"vae": comparison(RESULTS / "differences_from_vae.csv"), "beta": comparison(RESULTS / "differences_from_beta.csv")}
+    sides = {base: comparison(RESULTS / f"differences_from_{base}.csv") for base in ("vae", "beta")}
     labels = {metric: label for metric, label, _, _ in RESULT_ROWS}
     seeds = comparison(RESULTS / "comparison.csv")
     n = {v: _seeds(seeds, v, ["test/mse"]) for v in VARIANTS}

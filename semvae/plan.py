@@ -4,7 +4,8 @@
     python -m semvae.plan loss.beta=1,5 loss.semantic_weight=0,1 trainer=smoke task.evaluate=true
 
 Takes the overrides of ``python run.py -m ...`` (``-m`` itself may be given or not), expands them as Hydra's basic
-sweeper does (the experiment's ``hydra.sweeper.params`` first, the command line's on top), composes and validates
+sweeper does (the experiment's ``hydra.sweeper.params`` first, the command line's on top; an optimiser's range,
+as Optuna's, stands at its lower end: the optimiser chooses the values as it goes), composes and validates
 every job, groups them as ``hydra/launcher=stacked`` would (one stack per set of jobs differing only in seed, name
 and ``loss.*``; jobs on the CPU alone unless ``hydra.launcher.on_cpu=true``), and estimates each job's time by
 scaling the measured runs of the README's cost table (``COSTS``) by its steps and evaluation size. Nothing is
@@ -58,7 +59,12 @@ def sweep_overrides(args: list[str]) -> list[list[str]]:
     params = compose(fixed_overrides(args), hydra=True).hydra.sweeper.get("params") or {}
     given = {o.key_or_group for o in parser.parse_overrides(args)}
     merged = [f"{k}={v}" for k, v in params.items() if k not in given] + args
-    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(merged), None)
+    overrides = []
+    for override in parser.parse_overrides(merged):
+        if override.is_sweep_override() and not override.is_discrete_sweep():  # an optimiser's range (Optuna)
+            override = parser.parse_override(f"{override.get_key_element()}={override.value().start}")
+        overrides.append(override)
+    (batch,) = BasicSweeper.split_arguments(overrides, None)
     return [list(job) for job in batch]
 
 

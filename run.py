@@ -67,20 +67,28 @@ def main(cfg: DictConfig) -> dict | list[float] | None:
         fail(error, status=1)
     except StopRequested as stopped:
         log.warning("%s", stopped)
-        print(f"stopped: {stopped}\nto continue: {resume_command(hc)}", file=sys.stderr)
+        print(f"stopped: {stopped}\nto continue: {resume_command(hc, cfg)}", file=sys.stderr)
         hand_on(stopped.signum)
 
 
 def fail(error: BaseException, status: int) -> None:
-    log.error("%s", error)
+    """One line on stderr (``error: ...``) and the same in the run's log file, not twice on the terminal."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(status) from None
 
 
-def resume_command(hc) -> str:
-    """The command that continues this run: its overrides, with the run dir named."""
+def resume_command(hc, cfg: DictConfig | None = None) -> str:
+    """The command that continues this run: its overrides, with the run dir named and, unless given, the data
+    folder it read (``data.root=``, absolute), so that it works from a new shell without SEMVAE_DATA_DIR."""
     hydra_overrides = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
-    args = [*hc.overrides.task, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
+    data = []
+    if cfg is not None and not any(o.startswith("data.root=") for o in hc.overrides.task):
+        data = [f"data.root={Path(str(cfg.data.root)).resolve()}"]
+    args = [*hc.overrides.task, *data, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
     script = "run.py" if Path.cwd() == Path(__file__).resolve().parent else str(Path(__file__).resolve())
     return f"python {script} " + " ".join(shlex.quote(a) for a in args)
 
@@ -225,7 +233,45 @@ def check_override_keys(args: list[str]) -> None:
             refuse(message)
 
 
+def check_sweep_flags(args: list[str]) -> None:
+    """``-m`` with ``--cfg``: Hydra 1.3 ends that in a ValueError traceback; say instead where a sweep's plan is."""
+    if not any(a in ("-m", "--multirun") for a in args) or not any(a in ("--cfg", "-c") for a in args):
+        return
+    skip = {i + 1 for i, a in enumerate(args) if a in ("--cfg", "-c")}
+    overrides = [a for i, a in enumerate(args) if i not in skip and not a.startswith("-")]
+    refuse(
+        "--cfg shows one job's config, not a sweep's; the sweep's jobs, their grouping and cost: "
+        f"python -m semvae.plan {' '.join(shlex.quote(a) for a in overrides)}"
+    )
+
+
+def warn_single_job_of_a_sweep(args: list[str]) -> None:
+    """An experiment that defines a sweep (``hydra.sweeper.params``) run without ``-m`` runs one job with the
+    config's own values: say so, and how to run or see the sweep."""
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+        return
+    chosen = [a for a in args if a.startswith(("experiment=", "+experiment="))]
+    if not chosen:
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
+            params = compose(config_name="config", overrides=args, return_hydra_config=True).hydra.sweeper.params
+    except Exception:  # noqa: BLE001 - a config that does not compose is reported by preflight
+        return
+    if params:
+        swept = " ".join(f"{k}={v}" for k, v in params.items())
+        print(
+            f"note: {chosen[0]} defines a sweep ({swept}); without -m this is one job with the config's own values. "
+            f"The sweep: python run.py -m {' '.join(args)} (see it first: python -m semvae.plan {' '.join(args)})",
+            file=sys.stderr,
+        )
+
+
 if __name__ == "__main__":
+    check_sweep_flags(sys.argv[1:])
+    warn_single_job_of_a_sweep(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     checked_dir = preflight(sys.argv[1:])
     if checked_dir is not None:  # Hydra runs in the folder checked and locked, not in a second ${now:}

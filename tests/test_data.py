@@ -144,7 +144,7 @@ def test_a_failed_download_names_the_error_and_the_ways_offline_and_removes_what
     message = str(refused.value)
     assert sorted(url.rsplit("/", 1)[0] + "/" for url in offline) == sorted(MNIST.mirrors)  # each mirror once
     assert f"MNIST not found under data.root='{tmp_path / 'root'}' and could not be fetched (" in message
-    assert "network unreachable" in message
+    assert "(download failed: network unreachable;" in message and "\n" not in message  # one line, the reason once
     assert f"; data.mirror='{absent}' is not a folder)" in message
     assert "set data.mirror to a folder of its canonical .gz files" in message
     assert not (tmp_path / "root").exists()  # the folders the attempt made are removed

@@ -166,4 +166,16 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
     if export is not None:
         check_writable("task.export", export)
         if Path(export).exists() and not cfg.task.overwrite and not exported_by(run_dir, export):
-            raise ConfigError(f"task.export={export!r} exists; pass task.overwrite=true to replace it")
+            raise ConfigError(export_exists(cfg, export))
+
+
+def export_exists(cfg: Config, export: str) -> str:
+    """The refusal to overwrite an export, naming the key the user sets: a classifier's export is its
+    ``classifier.checkpoint`` (task=train_classifier exports there by default), a VAE's is ``task.export``."""
+    if cfg.task.name == TaskName.train_classifier:
+        return (
+            f"classifier.checkpoint={export!r} exists (task=train_classifier writes there; the shipped VAEs and "
+            "results read it); write elsewhere with classifier.checkpoint=outputs/classifier.pth, or pass "
+            "task.overwrite=true to replace it"
+        )
+    return f"task.export={export!r} exists; pass task.overwrite=true to replace it, or export elsewhere"

@@ -148,7 +148,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     except StopRequested as stopped:
         done = [name for name in names if name in rows]
         tracker.update_summary({"status": "stopped", "models": names, "evaluated": done})
-        tracker.finish(exit_code=128 + stopped.signum)
+        tracker.stopped()
         raise StopRequested(
             stopped.signum,
             f"{len(done)} of {len(names)} models evaluated, their rows saved in {run_dir / 'models'}; "

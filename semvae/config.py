@@ -91,11 +91,11 @@ class ClassifierConfig:
 
 @dataclass
 class SemanticConfig:
-    directions: Directions = Directions.random
+    directions: Directions = Directions.random  # random: uniform on the unit sphere; axis: a random signed latent axis
     step: float = 1.0  # delta, in prior standard deviations
     n_directions: int = 4  # K, drawn fresh every step and shared by all starting points
     n_points: Optional[int] = 32  # M starting points from the batch; None uses the whole batch
-    normalize: bool = True
+    normalize: bool = True  # the normalised form, in [0, 1]; false: the raw variance
     eps: float = 1e-8
     # under runtime.precision=bf16: decode and read the shifted codes in bf16 as well (the feature differences and
     # their reductions stay fp32); off, the semantic term runs in fp32. docs/METHOD.md states the measured tolerance

@@ -1,12 +1,15 @@
-"""Shared test helpers. The suite has three tiers, as lightning-hydra-template has:
+"""Shared test helpers. The suite has three tiers, named by what they cost:
 
-1. unit tests of functions on tiny tensors (most of test_losses, test_models, test_morpho, test_evaluate, ...);
-2. integration tests in this process: the config composed with Hydra's compose API (``compose_config``), the task
-   function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
+1. unit tests of functions on tiny tensors or fixture files (most of test_losses, test_models, test_morpho, ...);
+2. in-process tests: the config composed with Hydra's compose API (``compose_config``, the one compose helper),
+   the task function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
    (``run_in_process``: its ``main`` without Hydra's process; ``preflight``: its checks before Hydra starts);
-3. command-line tests that start ``run.py`` (``run_py``) where the process is the point: signals, launchers and
-   multiruns, a refusal before Hydra writes anything. They are marked ``slow``: ``python -m pytest -m "not slow"``
-   runs tiers 1 and 2 only.
+3. ``slow`` tests: those that start a process (``run_py``: signals, launchers and multiruns, a refusal before Hydra
+   writes anything) or take more than about ten seconds alone (a training with its evaluation, a stack).
+   ``python -m pytest -m "not slow"`` runs tiers 1 and 2 only.
+
+Tests that need MNIST find it through ``need_mnist()`` or the ``mnist_dir`` fixture, and are skipped, saying why,
+where it is missing; the rest of the suite still collects and runs.
 
 Every test starts with Hydra uninitialised and leaves torch's global settings as it found them (``_global_state``).
 """

@@ -8,6 +8,7 @@ import contextlib
 import io
 import re
 import shlex
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +144,37 @@ def test_help_sweep_cfg_and_a_missing_data_folder_in_a_process(tmp_path):
     assert missing.returncode == 2, missing.stderr
     lines = [line for line in missing.stderr.splitlines() if "not found under data.root" in line]
     assert len(lines) == 1 and lines[0].startswith("error: MNIST not found"), missing.stderr
+
+
+def test_gsv_progress_in_a_redirected_log_is_a_line_per_quarter_with_the_time_left(caplog, monkeypatch):
+    import logging
+
+    from semvae.evaluation.metrics import ShiftProgress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger="semvae.evaluation.metrics")
+    bar = ShiftProgress(34, "GSV (train)")
+    for _ in range(17):
+        bar.update(2)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" shifts")[0] for line in lines] == [f"GSV (train): {d}/34" for d in (10, 18, 26, 34)]
+    assert all(re.search(r"in \d+s, \d+s left$", line) for line in lines)
+    silent = ShiftProgress(4, None)
+    silent.update(4)
+    assert len(caplog.records) == 4
+
+
+def test_a_local_launcher_job_names_its_log_lines(caplog):
+    import logging
+
+    from hydra_plugins.semvae_launcher.processes import name_log_lines
+
+    factory = logging.getLogRecordFactory()
+    try:
+        name_log_lines("job 3")
+        with caplog.at_level(logging.INFO, logger="semvae.training.trainer"):
+            logging.getLogger("semvae.training.trainer").info("epoch %d/%d", 1, 50)
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert caplog.records[-1].getMessage() == "[job 3] epoch 1/50"

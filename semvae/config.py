@@ -190,7 +190,7 @@ class EvaluationConfig:
     steps: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # a (direction, step) whose mean squared change of a judge's reading is below this fraction of that reading's
     # spread over real images moves nothing: left out of the normalised GSV, counted in gsv_inactive_*. 0 keeps
-    # every cell, the definition of the README's Results (where a direction that changes nothing scores 0, the best)
+    # every cell, the definition of docs/results.md (where a direction that changes nothing scores 0, the best)
     change_floor: float = 0.0
     # bootstrap resamples of the starting points behind every GSV's standard error (gsv_*_se): how much the GSV
     # would move with another draw of n_points test images. 0: no standard errors

@@ -149,8 +149,8 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
                 raise ConfigError(f"{key}: not found: {', '.join(missing)}. List existing VAE model files")
             if missing:
                 raise ConfigError(
-                    f"{key}: not found: {', '.join(missing)}. Train it first (docs/configuration.md), point {key} at an "
-                    "existing file, or drop its judge from evaluation.judges"
+                    f"{key}: not found: {', '.join(missing)}. Train it first (docs/configuration.md), point {key} at "
+                    "an existing file, or drop its judge from evaluation.judges"
                 )
         for path in needed.get("evaluation.checkpoints", []):  # safe to load, and a VAE
             checkpoints.load_vae(path)

@@ -178,3 +178,10 @@ def test_a_local_launcher_job_names_its_log_lines(caplog):
     finally:
         logging.setLogRecordFactory(factory)
     assert caplog.records[-1].getMessage() == "[job 3] epoch 1/50"
+
+
+def test_an_evaluation_states_its_overall_time_left_after_each_model():
+    from semvae.tasks.evaluate import evaluation_eta
+
+    assert evaluation_eta(2, 1, 580.0) == "2 models in 9m40s; 1 left, about 4m50s"
+    assert evaluation_eta(1, 0, 45.0) == "1 model in 45s; all evaluated"

@@ -85,19 +85,26 @@ def _register() -> None:
     rundir.register_resolver()
 
 
+def compose_raw(*overrides: str, hydra: bool = False):
+    """The DictConfig that ``python run.py OVERRIDES`` composes, with Hydra's compose API, not yet validated (with
+    its ``hydra`` node where asked: run and sweep dirs, the launcher). For tests of composition itself."""
+    from hydra import compose, initialize_config_dir
+
+    _register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
 def compose_config(*overrides: str):
     """The typed, validated config that ``python run.py OVERRIDES`` runs with, composed in-process with Hydra's
     compose API (for tests that call a task function directly instead of starting run.py). ``hydra.*`` and
     ``hydra/...`` overrides are composed too (a launcher, a sweep dir) and then left out, as Hydra leaves them out of
-    the task's config. The one way tests compose a config."""
-    from hydra import compose, initialize_config_dir
+    the task's config. With ``compose_raw``, the one way tests compose a config."""
     from omegaconf import OmegaConf, open_dict
 
     from semvae.config import validate
 
-    _register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_raw(*overrides, hydra=True)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(OmegaConf.to_object(cfg))

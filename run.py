@@ -59,20 +59,28 @@ def main(cfg: DictConfig) -> dict | list[float] | None:
         fail(error, status=1)
     except StopRequested as stopped:
         log.warning("%s", stopped)
-        print(f"stopped: {stopped}\nto continue: {resume_command(hc)}", file=sys.stderr)
+        print(f"stopped: {stopped}\nto continue: {resume_command(hc, cfg)}", file=sys.stderr)
         hand_on(stopped.signum)
 
 
 def fail(error: BaseException, status: int) -> None:
-    log.error("%s", error)
+    """One line on stderr (``error: ...``) and the same in the run's log file, not twice on the terminal."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(status) from None
 
 
-def resume_command(hc) -> str:
-    """The command that continues this run: its overrides, with the run dir named."""
+def resume_command(hc, cfg: DictConfig | None = None) -> str:
+    """The command that continues this run: its overrides, with the run dir named and, unless given, the data
+    folder it read (``data.root=``, absolute), so that it works from a new shell without SEMVAE_DATA_DIR."""
     hydra_overrides = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
-    args = [*hc.overrides.task, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
+    data = []
+    if cfg is not None and not any(o.startswith("data.root=") for o in hc.overrides.task):
+        data = [f"data.root={Path(str(cfg.data.root)).resolve()}"]
+    args = [*hc.overrides.task, *data, *hydra_overrides, run_dir_override(hc.runtime.output_dir)]
     script = "run.py" if Path.cwd() == Path(__file__).resolve().parent else str(Path(__file__).resolve())
     return f"python {script} " + " ".join(shlex.quote(a) for a in args)
 
@@ -181,6 +189,18 @@ def check_override_keys(args: list[str]) -> None:
             refuse(message)
 
 
+def check_sweep_flags(args: list[str]) -> None:
+    """``-m`` with ``--cfg``: Hydra 1.3 ends that in a ValueError traceback; say instead where a sweep's plan is."""
+    if not any(a in ("-m", "--multirun") for a in args) or not any(a in ("--cfg", "-c") for a in args):
+        return
+    skip = {i + 1 for i, a in enumerate(args) if a in ("--cfg", "-c")}
+    overrides = [a for i, a in enumerate(args) if i not in skip and not a.startswith("-")]
+    refuse(
+        "--cfg shows one job's config, not a sweep's; the sweep's jobs, their grouping and cost: "
+        f"python -m semvae.plan {' '.join(shlex.quote(a) for a in overrides)}"
+    )
+
+
 def reported(call):
     """``call()``, with a refusal from a Hydra callback (semvae.guard) or from Hydra's composition as one line on
     stderr and exit status 2, and a sweep's failed jobs (SweepReport) as exit status 1."""
@@ -200,6 +220,7 @@ def reported(call):
 def cli() -> None:
     """``python run.py ...``: Hydra's app, with every refusal as one line and an exit status instead of a
     traceback; nothing is written for a refused run."""
+    check_sweep_flags(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors reach ``reported``, not its traceback printer
     reported(main)

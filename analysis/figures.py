@@ -27,6 +27,19 @@ class FigureSkipped(ValueError):
     """The runs do not hold what a figure needs; the message says what is missing."""
 
 
+def seeds_note(counts: pd.Series | Sequence[int], confidence: float = 0.95) -> str:
+    """What a figure's ± means, with its n: ``n = 3 seeds per setting; ± 95% t-interval``, ``n = 1-3 ...; ± only
+    where n >= 2``, or ``n = 1 per setting: single runs, no interval``. A figure never says "interval over seeds"
+    where a point is one run."""
+    counts = [int(c) for c in pd.Series(counts).dropna()]
+    low, high = (min(counts), max(counts)) if counts else (0, 0)
+    n = f"n = {low}" if low == high else f"n = {low}-{high}"
+    if high < 2:
+        return f"{n} per setting: single runs, no interval"
+    where = "" if low >= 2 else " only where n ≥ 2"
+    return f"{n} seeds per setting; ± {confidence:.0%} t-interval{where}"
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
@@ -105,23 +118,32 @@ def lambda_trends(frame: pd.DataFrame, path: str | Path, metrics: Sequence[str] 
     rows = -(-len(present) // columns)
     fig = Figure(figsize=(4.2 * columns, 3.3 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    weights = sorted(table[SEMANTIC_WEIGHT].unique())
+    styles = list(zip(("o", "s", "^", "D", "v"), ("-", "--", ":", "-."), (9, 7, 5, 4), strict=False))
     for ax, metric in zip(axes, present, strict=False):
-        for beta, group in table.groupby(BETA):
+        # one style per beta, hollow markers of decreasing size: lines that coincide stay visible
+        for (beta, group), (marker, line, size) in zip(table.groupby(BETA), styles * len(table), strict=False):
             ax.errorbar(
                 group[SEMANTIC_WEIGHT],
                 group[metric],
                 yerr=group[f"{metric} half_width"].fillna(0),
-                marker="o",
+                marker=marker,
+                linestyle=line,
+                markersize=size,
+                fillstyle="none",
                 capsize=3,
                 label=f"beta = {beta:g}",
             )
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(weights, [f"{w:g}" for w in weights])  # 0, 1, 10, ... as numbers, not 10^0 beside 0
+        ax.minorticks_off()
         ax.set_xlabel("semantic weight lambda")
         ax.set_title(metric, fontsize=9)
     for ax in axes[len(present) :]:
         ax.set_axis_off()
     axes[0].legend(fontsize=8)
-    fig.suptitle("mean over seeds ± 95% t-interval", fontsize=9)
+    counts = table[[f"{m} n" for m in present]].max(axis=1)
+    fig.suptitle(f"mean over seeds ({seeds_note(counts)})", fontsize=9)
     return _save(fig, path)
 
 
@@ -163,7 +185,8 @@ def pareto_settings(
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend(fontsize=7)
-    fig.suptitle("settings: mean over seeds ± 95% t-interval (lower is better on both)", fontsize=9)
+    counts = table[[f"{v} n" for v in (x, *ys) if f"{v} n" in table]].max(axis=1)
+    fig.suptitle(f"settings: mean over seeds ({seeds_note(counts)}); lower is better on both", fontsize=9)
     return _save(fig, path)
 
 
@@ -195,11 +218,13 @@ def heatmaps(
     fig = Figure(figsize=(4.6 * len(grids), 3.8))
     axes = np.atleast_1d(fig.subplots(1, len(grids)))
     for ax, (metric, grid) in zip(axes, grids.items(), strict=True):
-        half = interval_grid(frame.dropna(subset=[metric]), metric).reindex_like(grid)
+        runs = frame.dropna(subset=[metric])
+        half = interval_grid(runs, metric).reindex_like(grid)
         labels = grid.map(lambda v: f"{v:.3g}") + half.map(lambda h: f"\n± {h:.2g}" if np.isfinite(h) else "")
         sns.heatmap(grid, annot=labels, fmt="", cmap="viridis", cbar_kws={"label": metric}, ax=ax)
         ax.invert_yaxis()  # smallest beta at the bottom, as on a plot's y axis
-        ax.set_title(f"{metric} (mean ± 95% t-interval over seeds)", fontsize=9)
+        counts = runs.groupby([BETA, SEMANTIC_WEIGHT])[metric].count()
+        ax.set_title(f"{metric}: mean\n({seeds_note(counts)})", fontsize=9)
         ax.set_xlabel("semantic weight")
         ax.set_ylabel("beta")
     return _save(fig, path)
@@ -236,7 +261,7 @@ def pareto_front(frame: pd.DataFrame, path: str | Path, x: str = "test/mse", y: 
     sns.scatterplot(data=runs, x=x, y=y, hue=hue, hue_order=order, s=45, alpha=0.85, ax=ax)
     ax.plot(front[x], front[y], color="black", lw=1, drawstyle="steps-post", zorder=1)
     ax.scatter(front[x], front[y], s=140, facecolors="none", edgecolors="black", lw=1.2, label="Pareto-optimal")
-    ax.set_title("trade-off over runs (lower is better on both)")
+    ax.set_title(f"trade-off over runs, one point per run (n = {len(runs)}; lower is better on both)", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import figures
@@ -123,6 +124,55 @@ def _differences(
     ]
 
 
+def _difference(value: float, half_width: float) -> str:
+    """``+0.0043 ± 0.0028``, or the difference alone, said to have no interval, where a side has one seed."""
+    if not np.isfinite(half_width):
+        return f"{value:+.2g} (one seed on a side: no interval)"
+    return f"{value:+.2g} ± {half_width:.2g}"
+
+
+def _single_runs(table: pd.DataFrame) -> list[str]:
+    """A warning where groups hold one run: their values are single runs', with no interval."""
+    if table.empty:
+        return []
+    counts = table.xs("n", axis=1, level=1).max(axis=1)
+    single = int((counts < 2).sum())
+    if not single:
+        return []
+    which = "Every group holds" if single == len(counts) else f"{single} of {len(counts)} groups hold"
+    which = which + "s" if single == 1 and single != len(counts) else which
+    return [
+        f"{which} one run: its values are that run's, without an interval, and a difference between such groups "
+        "is not a finding (train more seeds: `seed=0,1,2`).",
+        "",
+    ]
+
+
+# the evaluation behind docs/results.md; a run evaluated otherwise is not comparable with it
+RESULTS_EVALUATION = {"n_points": 1000, "morpho_points": 200, "n_random_directions": 64, "limit_test": None}
+
+
+def _evaluation_settings(vaes: pd.DataFrame) -> list[str]:
+    """The evaluation settings of the runs where they are not those of docs/results.md, which their values cannot
+    then be read against."""
+    found = []
+    for key, default in RESULTS_EVALUATION.items():
+        column = f"evaluation.{key}"
+        if column not in vaes or vaes.filter(like="test/").empty:
+            continue
+        values = {None if pd.isna(v) else v for v in vaes[column]}
+        if values != {default}:
+            listed = ", ".join("null" if v is None else f"{v:g}" for v in sorted(values, key=lambda v: (v is None, v)))
+            found.append(f"`{column}={listed}`")
+    if not found:
+        return []
+    return [
+        f"Evaluated with {', '.join(found)}: not the settings of docs/results.md, so these values are not "
+        "comparable with its numbers (a smaller evaluation has a larger error; docs/evaluation.md).",
+        "",
+    ]
+
+
 def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
     """The semantic preset's lambda by the rule of ``choose_semantic_weight``, when the runs hold beta = 1 with
     lambda = 0 and some lambda > 0 (a lambda sweep)."""
@@ -144,7 +194,7 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
         [
             f"{weight:g}",
             f"{row['test/mse']:.4g}",
-            f"{row['mse_excess']:+.2g} ± {row['mse_excess half_width']:.2g}",
+            _difference(row["mse_excess"], row["mse_excess half_width"]),
             f"{row['allowed_excess']:.2g}",
             f"{row['test/gsv_norm_heldout']:.4g}",
             {True: "yes", False: "no"}.get(row["qualifies"], "needs 2+ seeds"),
@@ -164,6 +214,18 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
         "",
         f"Chosen: {verdict}.",
     ]
+
+
+def _evaluate_hint(vaes: pd.DataFrame, skipped: Exception) -> str:
+    """What to do when a figure lacks the test-split metrics: the runs were not evaluated."""
+    if "test/" not in str(skipped) and "latent_norms" not in str(skipped) and "interpolation" not in str(skipped):
+        return ""
+    if any(c.startswith("test/") for c in vaes.columns):
+        return ""
+    return (
+        " (the runs were not evaluated: run the sweep with `task.evaluate=true`, and `evaluation=smoke` for a "
+        "quick look, or `python run.py task=evaluate 'evaluation.checkpoints=[...]'` on their model.pth)"
+    )
 
 
 def write_report(
@@ -198,7 +260,8 @@ def write_report(
     lines = ["# Run report", "", *_counts(source, runs, failed), ""]
     by = grouping_keys(vaes)
     table = comparison_table(vaes, by=by, confidence=confidence)
-    lines += [f"## Comparison (mean ± {confidence:.0%} t-interval half-width over seeds; n = runs)", ""]
+    lines += [f"## Comparison (mean ± {confidence:.0%} t-interval half-width over seeds where n ≥ 2; n = runs)", ""]
+    lines += _single_runs(table) + _evaluation_settings(vaes)
     if table.empty:
         lines.append("No finished VAE run with metrics to compare.")
     else:
@@ -228,7 +291,7 @@ def write_report(
         try:
             written = draw(vaes, out / f"{name}.png")
         except figures.FigureSkipped as skipped:
-            lines += [f"### {name}", "", f"Skipped: {skipped}.", ""]
+            lines += [f"### {name}", "", f"Skipped: {skipped}{_evaluate_hint(vaes, skipped)}.", ""]
         else:
             lines += [f"### {name}", "", f"![{name}]({written.name})", ""]
     lines += _failures(failed, Path(source))

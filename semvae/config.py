@@ -95,11 +95,11 @@ class ClassifierConfig:
 
 @dataclass
 class SemanticConfig:
-    directions: Directions = Directions.random
+    directions: Directions = Directions.random  # random: uniform on the unit sphere; axis: a random signed latent axis
     step: float = 1.0  # delta, in prior standard deviations
     n_directions: int = 4  # K, drawn fresh every step and shared by all starting points
     n_points: Optional[int] = 32  # M starting points from the batch; None uses the whole batch
-    normalize: bool = True
+    normalize: bool = True  # the normalised form, in [0, 1]; false: the raw variance
     eps: float = 1e-8
     # under runtime.precision=bf16: decode and read the shifted codes in bf16 as well (the feature differences and
     # their reductions stay fp32); off, the semantic term runs in fp32. docs/METHOD.md states the measured tolerance
@@ -194,7 +194,7 @@ class EvaluationConfig:
     steps: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # a (direction, step) whose mean squared change of a judge's reading is below this fraction of that reading's
     # spread over real images moves nothing: left out of the normalised GSV, counted in gsv_inactive_*. 0 keeps
-    # every cell, the definition of the README's Results (where a direction that changes nothing scores 0, the best)
+    # every cell, the definition of docs/results.md (where a direction that changes nothing scores 0, the best)
     change_floor: float = 0.0
     # bootstrap resamples of the starting points behind every GSV's standard error (gsv_*_se): how much the GSV
     # would move with another draw of n_points test images. 0: no standard errors

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,14 +131,22 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = True, 
         if new:  # the folders this attempt made, with whatever it left in them
             shutil.rmtree(new[0], ignore_errors=True)
         raise DataError(
-            f"{folder} not found under data.root={str(root)!r} and could not be fetched ({error}{no_mirror}). "
-            f"Offline, point data.root (or SEMVAE_DATA_DIR) at a folder holding {folder}/raw/, or set "
-            "data.mirror to a folder of its canonical .gz files (see README, 'Data')."
+            f"{folder} not found under data.root={str(root)!r} and could not be fetched ({fetch_failure(error)}"
+            f"{no_mirror}); offline, point SEMVAE_DATA_DIR (or data.root) at a folder holding {folder}/raw/ by an "
+            "absolute path, or set data.mirror to a folder of its canonical .gz files"
         ) from None
     return load_split(name, root, train, download=False)
 
 
 N_CLASSES = 10  # MNIST digits, Fashion-MNIST garment classes
+
+
+def fetch_failure(error: BaseException) -> str:
+    """torchvision's download error in one line: the last reason it gives (``Name or service not known``), not
+    its list of every mirror tried."""
+    reasons = re.findall(r"<urlopen error (.*?)>", str(error)) or [line for line in str(error).splitlines() if line]
+    reason = re.sub(r"^\[Errno -?\d+\]\s*", "", reasons[-1].strip()) if reasons else type(error).__name__
+    return f"download failed: {reason}"
 
 
 def read_idx(path: Path, ndim: int) -> Tensor:

@@ -82,7 +82,8 @@ def check_single_run(config: DictConfig) -> None:
         experiment = config.hydra.runtime.choices.get("experiment") or "this config"
         raise ConfigError(
             f"experiment={experiment} is a sweep over {', '.join(str(k) for k in params)}: run it with -m "
-            f"(python run.py -m experiment={experiment}), or set {', '.join(unset)} to run one of its jobs"
+            f"(python run.py -m experiment={experiment}; its jobs and cost first: python -m semvae.plan "
+            f"experiment={experiment}), or set {', '.join(unset)} to run one of its jobs"
         )
 
 

@@ -209,6 +209,16 @@ class Tracker:
         self._wandb("finishing", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
 
+    def stopped(self) -> None:
+        """End the W&B run of a cleanly stopped run: tagged ``stopped`` (its summary's status says so too), exit code
+        0, so that W&B does not show a run that saved everything and can continue as failed."""
+
+        def tag() -> None:
+            self.run.tags = tuple(t for t in self.run.tags or () if t != "stopped") + ("stopped",)
+
+        self._wandb("tagging the run as stopped", tag)
+        self.finish(exit_code=0)
+
 
 def _artifact_name(name: str) -> str:
     """W&B artifact names allow letters, digits, '-', '_' and '.'."""

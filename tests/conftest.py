@@ -1,12 +1,15 @@
-"""Shared test helpers. The suite has three tiers, as lightning-hydra-template has:
+"""Shared test helpers. The suite has three tiers, named by what they cost:
 
-1. unit tests of functions on tiny tensors (most of test_losses, test_models, test_morpho, test_evaluate, ...);
-2. integration tests in this process: the config composed with Hydra's compose API (``compose_config``), the task
-   function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
+1. unit tests of functions on tiny tensors or fixture files (most of test_losses, test_models, test_morpho, ...);
+2. in-process tests: the config composed with Hydra's compose API (``compose_config``, the one compose helper),
+   the task function called directly (``train_vae``, ``evaluate_models``, ...), or run.py's own functions around it
    (``run_in_process``: its ``main`` without Hydra's process; ``preflight``: its guard before the run's folder exists);
-3. command-line tests that start ``run.py`` (``run_py``) where the process is the point: signals, launchers and
-   multiruns, a refusal before Hydra writes anything. They are marked ``slow``: ``python -m pytest -m "not slow"``
-   runs tiers 1 and 2 only.
+3. ``slow`` tests: those that start a process (``run_py``: signals, launchers and multiruns, a refusal before Hydra
+   writes anything) or take more than about ten seconds alone (a training with its evaluation, a stack).
+   ``python -m pytest -m "not slow"`` runs tiers 1 and 2 only.
+
+Tests that need MNIST find it through ``need_mnist()`` or the ``mnist_dir`` fixture, and are skipped, saying why,
+where it is missing; the rest of the suite still collects and runs.
 
 Every test starts with Hydra uninitialised and leaves torch's global settings as it found them (``_global_state``).
 """
@@ -29,16 +32,33 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SEMVAE_ROOT", str(ROOT))  # as run.py sets it, for configs composed in-process
 
 
-def find_data_dir() -> Path:
-    """SEMVAE_DATA_DIR, else the repo's data/, else the pre-staged ../shared/data beside the checkout."""
+NO_MNIST = "MNIST not found: set SEMVAE_DATA_DIR to a folder holding MNIST/raw/ (README, 'Data')"
+
+
+def find_data_dir() -> Path | None:
+    """SEMVAE_DATA_DIR, else the repo's data/, else the pre-staged ../shared/data beside the checkout; None where
+    none holds MNIST (the tests that need it are then skipped, saying so, and the others run)."""
     candidates = [os.environ.get("SEMVAE_DATA_DIR"), ROOT / "data", ROOT.parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
             return Path(candidate).resolve()
-    raise RuntimeError("MNIST not found: set SEMVAE_DATA_DIR to a folder holding MNIST/raw/ (see README, 'Data')")
+    return None
 
 
 DATA_DIR = find_data_dir()
+
+
+def need_mnist() -> Path:
+    """The MNIST folder, or skip the calling test with the reason."""
+    if DATA_DIR is None:
+        pytest.skip(NO_MNIST)
+    return DATA_DIR
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The folder holding MNIST/raw/ (the test is skipped where there is none)."""
+    return need_mnist()
 
 
 def _share_cores_between_workers() -> None:
@@ -53,7 +73,8 @@ def _share_cores_between_workers() -> None:
 
 
 _share_cores_between_workers()
-os.environ.setdefault("SEMVAE_DATA_DIR", str(DATA_DIR))  # for configs composed in-process
+if DATA_DIR is not None:
+    os.environ.setdefault("SEMVAE_DATA_DIR", str(DATA_DIR))  # for configs composed in-process
 
 
 def _register() -> None:
@@ -64,17 +85,29 @@ def _register() -> None:
     rundir.register_resolver()
 
 
+def compose_raw(*overrides: str, hydra: bool = False):
+    """The DictConfig that ``python run.py OVERRIDES`` composes, with Hydra's compose API, not yet validated (with
+    its ``hydra`` node where asked: run and sweep dirs, the launcher). For tests of composition itself."""
+    from hydra import compose, initialize_config_dir
+
+    _register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
 def compose_config(*overrides: str):
     """The typed, validated config that ``python run.py OVERRIDES`` runs with, composed in-process with Hydra's
-    compose API (for tests that call a task function directly instead of starting run.py)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    compose API (for tests that call a task function directly instead of starting run.py). ``hydra.*`` and
+    ``hydra/...`` overrides are composed too (a launcher, a sweep dir) and then left out, as Hydra leaves them out of
+    the task's config. With ``compose_raw``, the one way tests compose a config."""
+    from omegaconf import OmegaConf, open_dict
 
     from semvae.config import validate
 
-    _register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
+    cfg = compose_raw(*overrides, hydra=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return validate(OmegaConf.to_object(cfg))
 
 
 @contextlib.contextmanager
@@ -129,6 +162,7 @@ def run_in_process(*overrides: str, run_dir: str | Path | None = None) -> Ended:
     the stop flag, the checks, the task, and the mapping of errors to an exit status and a one-line message)."""
     import run
 
+    need_mnist()
     with hydra_app(*overrides, run_dir=run_dir) as (cfg, _):
         return _ended(lambda: run.main.__wrapped__(cfg))
 
@@ -278,6 +312,7 @@ def weights_dir(tmp_path_factory) -> Path:
     tests."""
     from semvae.tasks.train_classifier import train_classifier
 
+    need_mnist()
     weights = tmp_path_factory.mktemp("weights")
     run_dir = tmp_path_factory.mktemp("classifier_run")
     with torch_settings():

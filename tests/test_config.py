@@ -1,21 +1,13 @@
 """Composition of conf/ against the typed schema, and early, named rejection of bad overrides."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from semvae.config import Config, ConfigError, Directions, TaskName, register_configs, validate
-from tests.conftest import ROOT, preflight, run_py
+from semvae.config import ConfigError, Directions, TaskName, register_configs
+from tests.conftest import ROOT, compose_config, preflight, run_py
 
 register_configs()
-
-
-def compose_config(*overrides: str) -> Config:
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return validate(OmegaConf.to_object(cfg))
 
 
 def test_variants_are_presets_over_the_loss():

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from semvae.data import DataError, batch_indices, load_split, random_shift, train_val_split
-from tests.conftest import DATA_DIR
+from tests.conftest import need_mnist
 
 
 def test_prestaged_mnist_loads_as_float_tensors():
-    train = load_split("mnist", DATA_DIR, train=True, download=False)
-    test = load_split("mnist", DATA_DIR, train=False, download=False)
+    train = load_split("mnist", need_mnist(), train=True, download=False)
+    test = load_split("mnist", need_mnist(), train=False, download=False)
     assert train.images.shape[1:] == (1, 28, 28) and train.images.dtype == torch.float32
     assert len(test) == 10_000 and len(train) >= 23_797  # 60,000 where the full set was downloaded
     assert 0.0 == train.images.min().item() and train.images.max().item() == 1.0
@@ -22,9 +22,9 @@ def test_prestaged_mnist_loads_as_float_tensors():
 def test_the_idx_files_read_without_torchvision_as_torchvision_reads_them(monkeypatch):
     from torchvision.datasets import MNIST
 
-    reference = MNIST(str(DATA_DIR), train=False, download=False)
+    reference = MNIST(str(need_mnist()), train=False, download=False)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # any import of torchvision now fails
-    test = load_split("mnist", DATA_DIR, train=False, download=False)
+    test = load_split("mnist", need_mnist(), train=False, download=False)
     assert torch.equal(test.images, reference.data.unsqueeze(1).float() / 255)
     assert torch.equal(test.labels, reference.targets)
 
@@ -32,7 +32,7 @@ def test_the_idx_files_read_without_torchvision_as_torchvision_reads_them(monkey
 def test_an_idx_file_of_another_shape_is_named(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    labels = (DATA_DIR / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    labels = (need_mnist() / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
     (raw / "t10k-images-idx3-ubyte").write_bytes(labels)  # a labels file where the images belong
     (raw / "t10k-labels-idx1-ubyte").write_bytes(labels)
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte holds 1-dimensional items of type 0x08, not 3-"):
@@ -67,7 +67,7 @@ def test_an_idx_header_of_255_huge_dimensions_is_named_in_a_short_line(tmp_path)
 
 
 def test_validation_split_is_fixed_by_its_seed_and_disjoint():
-    full = load_split("mnist", DATA_DIR, train=True, download=False)
+    full = load_split("mnist", need_mnist(), train=True, download=False)
     tr1, va1 = train_val_split(full, 2000, seed=0)
     tr2, va2 = train_val_split(full, 2000, seed=0)
     _, va3 = train_val_split(full, 2000, seed=1)
@@ -171,7 +171,7 @@ def test_a_failed_download_names_the_error_and_the_ways_offline_and_removes_what
     message = str(refused.value)
     assert sorted(url.rsplit("/", 1)[0] + "/" for url in offline) == sorted(MNIST.mirrors)  # each mirror once
     assert f"MNIST not found under data.root='{tmp_path / 'root'}' and could not be fetched (" in message
-    assert "network unreachable" in message
+    assert "(download failed: network unreachable;" in message and "\n" not in message  # one line, the reason once
     assert f"; data.mirror='{absent}' is not a folder)" in message
     assert "set data.mirror to a folder of its canonical .gz files" in message
     assert not (tmp_path / "root").exists()  # the folders the attempt made are removed

@@ -28,6 +28,7 @@ WEIGHTS = ROOT / "weights"
 MODELS = {"vae": WEIGHTS / "VAE_epoch50.pth", "semantic": WEIGHTS / "semanticVAE_epoch50.pth"}
 
 
+@pytest.mark.slow  # trains (and evaluates or stacks): tens of seconds
 def test_evaluate_writes_table_figures_and_per_model_json(tmp_path, wandb_offline):
     run_dir = tmp_path / "eval"
     checkpoints = ",".join(str(p) for p in MODELS.values())

@@ -125,7 +125,7 @@ def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, unint
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert f"{signal.Signals(sig).name} received: checkpoint saved at step" in stderr
-    assert f"to continue: python run.py {shlex.join(LONG)} hydra.run.dir={run_dir}\n" in stderr
+    assert f"to continue: python run.py {shlex.join(LONG)} data.root={DATA_DIR} hydra.run.dir={run_dir}\n" in stderr
     assert "Traceback" not in stderr
     summary = read_summary(run_dir)
     state = checkpoints.load(run_dir / "last.pt")

@@ -15,7 +15,7 @@ from semvae import rundir
 from semvae.config import ConfigError, as_plain
 from semvae.tracking import Tracker
 from semvae.training.callbacks import Metrics
-from tests.conftest import DATA_DIR, ROOT, compose_config, preflight
+from tests.conftest import ROOT, compose_config, need_mnist, preflight
 
 SMOKE = ("trainer=smoke", "logger=none")
 
@@ -107,7 +107,7 @@ def test_the_runs_own_folder_is_admitted_and_held(tmp_path):
     ],
 )
 def test_a_run_refused_by_its_data_machine_or_sizes_leaves_no_folder(tmp_path, override, message):
-    if "data.root" not in override and (DATA_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size != (
+    if "data.root" not in override and (need_mnist() / "MNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size != (
         16 + 23797 * 784
     ):
         pytest.skip("the sizes in the messages are those of the pre-staged MNIST (23,797 training images)")

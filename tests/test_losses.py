@@ -13,7 +13,7 @@ from semvae.losses import (
     vae_objective,
 )
 from semvae.models import ResNetVAE
-from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import ROOT, need_mnist
 
 
 def test_kl_matches_hand_computed_value():
@@ -169,7 +169,7 @@ def test_the_semantic_term_in_bf16_stays_within_its_stated_tolerance_of_fp32():
 
     vae, _ = checkpoints.load_vae(ROOT / "weights" / "semanticVAE_epoch50.pth")
     phi, _ = checkpoints.load_classifier(ROOT / "weights" / "classifier.pth")
-    images = load_split("mnist", DATA_DIR, train=False, download=False).images
+    images = load_split("mnist", need_mnist(), train=False, download=False).images
     found = semantic_term_deviation(vae, phi, images, batches=1, points=16, n_directions=2)["normalised"]
     assert 0 < found["abs"] < 2e-3  # computed in bf16 (not the fp32 path), within the stated tolerance
     assert found["grad_cos"] > 0.995

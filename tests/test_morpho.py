@@ -12,7 +12,7 @@ from skimage.morphology import medial_axis as skimage_medial_axis
 from torch.nn import functional as F
 
 from semvae.evaluation.morpho import MEASURES, measure, skeletons, standardize, upsample
-from tests.conftest import DATA_DIR
+from tests.conftest import need_mnist
 
 AREA, LENGTH, THICKNESS, SLANT, WIDTH, HEIGHT = range(6)
 
@@ -149,7 +149,7 @@ def test_standardize_gives_z_scores_and_reuses_given_statistics():
 
 @pytest.fixture(scope="module")
 def mnist_test():
-    data = torchvision.datasets.MNIST(str(DATA_DIR), train=False, download=False)
+    data = torchvision.datasets.MNIST(str(need_mnist()), train=False, download=False)
     return data.data[:200].float() / 255, data.targets[:200]
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from analysis.collect import RunFileError, collect_runs
 from analysis.report import write_report
 from semvae import checkpoints, rundir
-from semvae.config import ConfigError, register_configs, validate
+from semvae.config import ConfigError, validate
 from semvae.data import DataError, Split, load_split
 from semvae.losses import vae_objective
 from semvae.models import ResNetVAE
@@ -25,7 +24,7 @@ from semvae.stopping import StopFlag, StopRequested, check
 from semvae.tasks.checks import check_inputs, check_resumable, check_writable
 from semvae.tracking import Tracker
 from semvae.training import NonFiniteLossError
-from tests.conftest import DATA_DIR, ROOT, train_loop
+from tests.conftest import DATA_DIR, ROOT, compose_raw, train_loop
 from tests.conftest import compose_config as config
 
 WEIGHTS = ROOT / "weights"
@@ -285,9 +284,7 @@ def test_labels_out_of_range_are_named_before_training(tmp_path):
 
 @pytest.mark.parametrize("key", ["seed", "evaluation.seed", "data.split_seed", "classifier.seed"])
 def test_a_seed_torch_cannot_take_is_named(key):
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=[f"{key}=99999999999999999999"]))
+    cfg = OmegaConf.to_object(compose_raw(f"{key}=99999999999999999999"))
     with pytest.raises(ConfigError, match=rf"^{key}=99999999999999999999: must be an integer in \[0, 2\*\*63 - 1024\)"):
         validate(cfg)
 
@@ -326,11 +323,8 @@ def test_the_run_dir_lock_names_its_holder_and_is_held_once(tmp_path):
 
 
 def test_default_run_and_sweep_dirs_end_with_the_launch_id():
-    register_configs()
-    rundir.register_resolver()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True)
-        run, sweep = str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
+    cfg = compose_raw(hydra=True)
+    run, sweep = str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
     launch = rundir.launch_id()
     assert len(launch) == 6 and run.endswith(f"_VAE_{launch}") and sweep.endswith(f"_{launch}")
 

@@ -5,6 +5,8 @@ a second call, and the table over seeds that ``analysis.report`` makes of its ev
 import json
 import logging
 
+import pytest
+
 from analysis.collect import collect_runs
 from analysis.report import write_report
 from semvae import checkpoints
@@ -51,6 +53,7 @@ def test_a_stage_config_is_the_one_its_overrides_compose_to():
     assert seed0.seed == 0 and expected.seed == 2 and expected.task.export.endswith("seed2_epoch3.pth")
 
 
+@pytest.mark.slow  # trains (and evaluates or stacks): tens of seconds
 def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp_path, caplog):
     weights, out = tmp_path / "weights", tmp_path / "out"
     args = ("experiment=reproduce", *SMOKE, f"paths.weights_dir={weights}", f"paths.output_dir={out}")

@@ -42,7 +42,8 @@ def test_classifier_task_trains_and_exports(tmp_path, weights_dir):
         f"paths.weights_dir={weights_dir}",
         f"hydra.run.dir={tmp_path}/again",
     )
-    assert refused.returncode == 2 and "exists; pass task.overwrite=true" in refused.stderr
+    assert refused.returncode == 2 and f"error: classifier.checkpoint='{path}' exists" in refused.stderr
+    assert "write elsewhere with classifier.checkpoint=" in refused.stderr and "task.overwrite=true" in refused.stderr
     assert path.read_bytes() == before  # the existing classifier is untouched
     assert not (tmp_path / "again").exists()
 

@@ -94,6 +94,7 @@ def stacked(tmp_path_factory, weights_dir):
     return root
 
 
+@pytest.mark.slow  # trains (and evaluates or stacks): tens of seconds
 def test_members_of_a_stack_end_where_they_would_alone(stacked, alone):
     for name in MEMBERS:
         assert_same_run(stacked / name, alone / name)
@@ -102,6 +103,7 @@ def test_members_of_a_stack_end_where_they_would_alone(stacked, alone):
     assert "train/semantic" not in read_metrics(stacked / "beta")[0]
 
 
+@pytest.mark.slow  # trains (and evaluates or stacks): tens of seconds
 def test_a_crashed_then_stopped_stack_resumes_every_member_exactly(tmp_path, weights_dir, stacked, monkeypatch):
     """A crash inside the fused step at step 8 (as kill -9 would leave it: last.pt of step 5) and, on the rerun, a
     stop signal in the middle of a round; the third run ends every member bit for bit where the uninterrupted stack
@@ -146,6 +148,7 @@ def test_a_crashed_then_stopped_stack_resumes_every_member_exactly(tmp_path, wei
         assert read_metrics(tmp_path / name) == read_metrics(stacked / name)
 
 
+@pytest.mark.slow  # trains (and evaluates or stacks): tens of seconds
 def test_a_failing_member_ends_alone(tmp_path, weights_dir, alone):
     """A member whose loss turns non-finite fails with its own error; the others finish as they would alone."""
     bad = member_config(weights_dir, MEMBERS["semantic"], "trainer.lr=1e30")

@@ -128,3 +128,17 @@ def test_fp32_means_ieee_float32_on_gpus_too():
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_the_run_time_is_estimated_at_the_first_log_point_not_after_an_epoch(tmp_path, caplog):
+    """The first estimate of the whole run comes after `log_every` steps (2 of 6 an epoch here), before any epoch
+    line, and counts every step left."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="semvae.training.trainer")
+    _train(tmp_path, epochs=3)
+    lines = [r.getMessage() for r in caplog.records]
+    first = next(i for i, line in enumerate(lines) if "steps took" in line)
+    assert lines[first].startswith("2 steps took ") and "; 16 of 18 left: eta " in lines[first]
+    assert first < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/3"))
+    assert sum("steps took" in line for line in lines) == 1

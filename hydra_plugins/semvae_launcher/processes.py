@@ -140,6 +140,7 @@ def _run(writer, launcher: ProcessesLauncher, config: DictConfig, threads: int) 
         sys.modules["torch"].set_num_threads(threads)
     for sig in (signal.SIGTERM, signal.SIGINT):  # the sweep's handlers are not the job's
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    name_log_lines(f"job {config.hydra.job.num}")
     result = run_job(
         hydra_context=launcher.hydra_context,
         task_function=launcher.task_function,
@@ -149,6 +150,19 @@ def _run(writer, launcher: ProcessesLauncher, config: DictConfig, threads: int) 
     )
     writer.send(result)
     writer.close()
+
+
+def name_log_lines(job: str) -> None:
+    """In a job's process: every log record starts with ``[job N]``, so that the lines of jobs running side by side
+    on one terminal can be told apart (the job's own run.log gets the same lines)."""
+    make = logging.getLogRecordFactory()
+
+    def named(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.msg = f"[{job}] {record.msg}"
+        return record
+
+    logging.setLogRecordFactory(named)
 
 
 class _ForwardStops:

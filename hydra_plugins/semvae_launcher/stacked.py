@@ -9,7 +9,7 @@ launcher logs how it grouped the jobs.
 
 Stacking pays where one process leaves the device idle (a GPU, bound by kernel launches at this model size). On a
 CPU the members' convolutions run no faster together than one after another, so by default jobs that would run on
-the CPU are not stacked (``on_cpu``; README "Speed" has the measurement).
+the CPU are not stacked (``on_cpu``; docs/benchmarks.md has the measurement).
 """
 
 import copy
@@ -92,7 +92,7 @@ class StackedLauncher(ProcessesLauncher):
         if alone:
             listed += f"; {len(alone)} jobs alone, {self.n_jobs} at a time in their own processes"
             if not self.on_cpu and any(device_of(config) == "cpu" for *_, config in alone):
-                listed += " (jobs on the CPU run alone unless hydra.launcher.on_cpu=true; README 'Speed')"
+                listed += " (jobs on the CPU run alone unless hydra.launcher.on_cpu=true; docs/benchmarks.md)"
         else:
             listed += "; 0 jobs alone"
         log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}")

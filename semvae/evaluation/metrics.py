@@ -7,7 +7,10 @@ Randomness comes from explicit seeds, so every model is evaluated on the same im
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,6 +20,8 @@ from torch.nn import functional as F
 from semvae import stopping
 from semvae.losses import bernoulli_nll, gaussian_kl, mean_squared_change, semantic_variance_per_direction
 from semvae.models import ResNetVAE, reparameterize
+
+log = logging.getLogger(__name__)
 
 Judge = Callable[[Tensor], Tensor]  # images (B, 1, 28, 28) in [0, 1] -> features (B, F)
 
@@ -156,11 +161,8 @@ def global_semantic_variance(
     change = {name: [] for name in judges}
     weights = resampling_weights(n, resamples, seed).to(z.device) if resamples > 0 else None
     resampled = {form: {name: [] for name in judges} for form in ("raw", "norm", "change")}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(shifts), desc=progress, unit="shift", leave=False, disable=progress is None)
+    bar = ShiftProgress(len(shifts), progress)
     for s in batches(len(shifts), per_chunk):
-        bar.update(s.stop - s.start)
         stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
         k = s.stop - s.start
         codes = (z.unsqueeze(0) + shifts[s].unsqueeze(1)).reshape(k * n, latent_dim)
@@ -178,6 +180,7 @@ def global_semantic_variance(
             if weights is not None:
                 for form, values in resampled_forms(delta, weights, eps).items():
                     resampled[form][name].append(values)
+        bar.update(k)
     bar.close()
     n_steps = len(steps)
     forms = {"raw": raw, "norm": norm, "change": change}
@@ -189,6 +192,38 @@ def global_semantic_variance(
         return values.reshape(*values.shape[:-1], n_steps, -1)
 
     return {name: {form: shaped(v[name]) for form, v in forms.items()} for name in judges}
+
+
+class ShiftProgress:
+    """Progress over the shifts of a GSV: a tqdm bar on a terminal; where stderr is redirected to a log (a sweep job,
+    a batch system), a log line at each quarter with the time taken and the time left, instead of a bar that a log
+    shows only at its start."""
+
+    def __init__(self, total: int, label: str | None) -> None:
+        self.total, self.label, self.done, self.quarter = total, label, 0, 1
+        self.started = time.perf_counter()
+        self.bar = None
+        if label is not None and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="shift", leave=False)
+
+    def update(self, k: int) -> None:
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+            return
+        if self.label is None:
+            return
+        while self.quarter <= 4 and self.done * 4 >= self.quarter * self.total:
+            taken = time.perf_counter() - self.started
+            left = taken / self.done * (self.total - self.done)
+            log.info("%s: %d/%d shifts in %.0fs, %.0fs left", self.label, self.done, self.total, taken, left)
+            self.quarter += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:

@@ -290,8 +290,8 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
                 raise ConfigError(f"{key}: not found: {', '.join(missing)}. List existing VAE model files")
             if missing:
                 raise ConfigError(
-                    f"{key}: not found: {', '.join(missing)}. Train it first (README, 'Run'), point {key} at an "
-                    "existing file, or drop its judge from evaluation.judges"
+                    f"{key}: not found: {', '.join(missing)}. Train it first (docs/configuration.md), point {key} at "
+                    "an existing file, or drop its judge from evaluation.judges"
                 )
         for path in needed.get("evaluation.checkpoints", []):  # safe to load, and a VAE
             checkpoints.load_vae(path)
@@ -311,5 +311,17 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
             )
         check_writable("task.export", export)
         if Path(export).exists() and not cfg.task.overwrite and not exported_by(run_dir, export):
-            raise ConfigError(f"task.export={export!r} exists; pass task.overwrite=true to replace it")
+            raise ConfigError(export_exists(cfg, export))
     check_data(cfg)
+
+
+def export_exists(cfg: Config, export: str) -> str:
+    """The refusal to overwrite an export, naming the key the user sets: a classifier's export is its
+    ``classifier.checkpoint`` (task=train_classifier exports there by default), a VAE's is ``task.export``."""
+    if cfg.task.name == TaskName.train_classifier:
+        return (
+            f"classifier.checkpoint={export!r} exists (task=train_classifier writes there; the shipped VAEs and "
+            "results read it); write elsewhere with classifier.checkpoint=outputs/classifier.pth, or pass "
+            "task.overwrite=true to replace it"
+        )
+    return f"task.export={export!r} exists; pass task.overwrite=true to replace it, or export elsewhere"

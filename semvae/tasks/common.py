@@ -113,7 +113,7 @@ def tracked_training(
             summary = run(tracker, fit)
     except StopRequested as stopped:
         tracker.update_summary({"status": "stopped", "stopped_at_step": stopped.step, "stop": str(stopped)})
-        tracker.finish(exit_code=128 + stopped.signum)
+        tracker.stopped()
         raise
     except BaseException:
         tracker.finish(exit_code=1)

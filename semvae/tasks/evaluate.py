@@ -102,6 +102,14 @@ def _readable(path: Path, read: Callable[[Path], Any]) -> Any:
         return None
 
 
+def evaluation_eta(done: int, left: int, seconds: float) -> str:
+    """The evaluation's overall progress after a model: ``2 models in 9m40s; 1 left, about 4m50s``."""
+    from semvae.training.trainer import duration
+
+    text = f"{done} model{'s' * (done != 1)} in {duration(seconds)}"
+    return text + (f"; {left} left, about {duration(seconds / done * left)}" if left else "; all evaluated")
+
+
 def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) -> dict[str, Any]:
     """Compare the VAEs of ``evaluation.checkpoints`` on the test split; write the table, figures and, per model,
     ``models/<name>.json`` (metrics and the model's config) and ``models/<name>_latent_norms.npy``.
@@ -153,6 +161,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
             # last: the row marks the model as done; in the order measured, which a kept row gives the table too
             write_json_atomic(record, run_dir / "models" / f"{name}.json", sort_keys=False)
             rows[name] = row
+            log.info("%s", evaluation_eta(len(rows) - kept, len(names) - len(rows), time.perf_counter() - started))
         rows_in_order = [rows[name] for name in names]
         frame = pd.DataFrame(rows_in_order)
         frame.to_csv(run_dir / "comparison.csv", index=False)
@@ -169,7 +178,7 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     except StopRequested as stopped:
         done = [name for name in names if name in rows]
         tracker.update_summary({"status": "stopped", "models": names, "evaluated": done})
-        tracker.finish(exit_code=128 + stopped.signum)
+        tracker.stopped()
         raise StopRequested(
             stopped.signum,
             f"{len(done)} of {len(names)} models evaluated, their rows saved in {run_dir / 'models'}; "

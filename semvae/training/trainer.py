@@ -155,6 +155,7 @@ class Trainer:
         self.seconds_before = 0.0  # training time of the segments before a resume
         self.started, self.start_step = time.perf_counter(), 0
         self.resumed_from: Path | None = None
+        self.estimated = False  # whether the run's first time estimate has been logged
 
     @property
     def stopping(self) -> bool:
@@ -229,6 +230,11 @@ class Trainer:
                     running, since_log = None, 0
                     for cb in self.callbacks:
                         cb.on_log(self, means)  # a checkpoint callback saves here when due or stopping
+                    if not self.estimated:  # the run's cost, known after its first log point, not after an epoch
+                        self.estimated = True
+                        total, done = self.settings.epochs * self.n_batches, self.step - self.start_step
+                        left = total - self.step
+                        log.info("%d steps took %s; %d of %d left: %s", done, self.timed(), left, total, self.eta())
                     if self.stopping and not last_batch:
                         raise self.stopped()
             self.position = 0
@@ -255,9 +261,12 @@ class Trainer:
             if self.stopping and epoch < s.epochs:
                 raise self.stopped()
 
+    def timed(self) -> str:
+        return duration(time.perf_counter() - self.started)
+
     def eta(self) -> str:
         """Time left for the run at this segment's speed so far, and the wall-clock time it ends."""
-        done, left = self.step - self.start_step, (self.settings.epochs - self.epoch) * self.n_batches
+        done, left = self.step - self.start_step, self.settings.epochs * self.n_batches - self.step
         if left <= 0:
             return "done"
         if done <= 0:

@@ -215,6 +215,8 @@ def reported(call):
         refuse(abort.error)
     except CompactHydraException as error:  # an unknown option, a wrong type, an override that does not parse
         refuse(composition_error(error))
+    except InputError as error:  # raised by a launcher (SLURM refusing a submission, say)
+        refuse(error)
 
 
 def cli() -> None:

@@ -48,12 +48,12 @@ def task_config(config: DictConfig) -> DictConfig:
 def admit(cfg: DictConfig, run_dir: str | Path) -> Config:
     """Validate ``cfg``, check everything its task needs with ``run_dir`` as the run folder, and lock the folder
     (creating it). Returns the typed config; raises an InputError, with nothing written, otherwise."""
-    from semvae.tasks.checks import check_inputs  # imports torch: after the config validated
-
     run_dir = Path(run_dir).resolve()
     if run_dir in _admitted:
         return _admitted[run_dir]
     config = validate(OmegaConf.to_object(cfg))
+    from semvae.tasks.checks import check_inputs  # imports torch: only once the config validated (seconds)
+
     rundir.check_free(run_dir)  # a folder in use by another run is not read for the checks below
     check_inputs(config, run_dir)
     rundir.hold(run_dir)

@@ -162,9 +162,7 @@ def test_metrics_of_an_attempt_killed_before_its_first_checkpoint_are_not_kept(t
 def test_the_guard_is_registered_and_library_code_never_exits():
     assert "semvae.guard.RunGuard" in (ROOT / "conf" / "config.yaml").read_text()
     sources = [*Path(ROOT / "semvae").rglob("*.py"), *Path(ROOT / "hydra_plugins").rglob("*.py")]
-    sources = [p for p in sources if p.name not in ("stacked.py", "processes.py")]  # TODO: the stacked trainer
-    exiting = [
-        str(p.relative_to(ROOT)) for p in sources if "SystemExit" in p.read_text() or "sys.exit" in p.read_text()
-    ]
+    library = {p: p.read_text().split('\nif __name__ == "__main__":')[0] for p in sources}  # a CLI may exit
+    exiting = [str(p.relative_to(ROOT)) for p, text in library.items() if "SystemExit" in text or "sys.exit" in text]
     assert exiting == []
     assert issubclass(ConfigError, ValueError)  # callers catching ValueError keep working

@@ -17,7 +17,6 @@
 import logging
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,16 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
+from semvae.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class SubmissionRefused(InputError):
+    """sbatch refused the sweep's jobs (a partition, a GPU or a time the cluster does not have); nothing is left."""
+
+
 class SemvaeSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.semvae_launcher.slurm.SlurmLauncher"
 
@@ -74,8 +79,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as error:
             _remove_submission(sweep_dir, new_sweep, submitit_dir, before)
             message = next((line for line in str(error).splitlines() if "error" in line), str(error).strip())
-            print(f"error: SLURM refused the sweep's jobs: {message}; nothing was submitted", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SubmissionRefused(f"SLURM refused the sweep's jobs: {message}; nothing was submitted") from None
         return [self._result(job, overrides, idx) for job, (idx, overrides) in zip(jobs, numbered, strict=True)]
 
     def _result(self, job, overrides: Sequence[str], idx: int) -> JobReturn:

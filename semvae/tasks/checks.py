@@ -305,11 +305,11 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
         checkpoints.load_classifier(c.checkpoint, expect={"widths": list(c.widths), "blocks": c.blocks})
     export = cfg.task.export
     if export is not None:
+        check_writable("task.export", export)  # first: a name too long for the file system cannot even be stat'ed
         if Path(export).is_dir():
             raise ConfigError(
                 f"task.export={export!r} is a folder; name the model file to write, e.g. {export}/model.pth"
             )
-        check_writable("task.export", export)
         if Path(export).exists() and not cfg.task.overwrite and not exported_by(run_dir, export):
             raise ConfigError(export_exists(cfg, export))
     check_data(cfg)

@@ -25,8 +25,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from semvae import rundir
-from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, validate
+from semvae import checkpoints, rundir
+from semvae.config import REPRODUCE_CLASSIFIERS, Config, ConfigError, as_plain, validate
 from semvae.tasks.checks import check_inputs
 from semvae.tasks.evaluate import evaluate_models
 from semvae.tasks.train_classifier import train_classifier
@@ -131,6 +131,7 @@ def reproduce(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(run_dir)
+    checkpoints.write_json_atomic(as_plain(cfg), run_dir / "config.json")  # the study's settings: its folder is its own
     compose = Composer(passed_on(list(HydraConfig.get().overrides.task)))
     names = {v: compose(vae_overrides(cfg, v)).name for v in cfg.reproduce.variants}
     stages = plan(cfg, names)

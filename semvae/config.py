@@ -107,6 +107,11 @@ class ClassifierConfig:
     checkpoint: str = "weights/classifier.pth"  # where task=train_classifier exports it and the VAE loads it
     seed: Optional[int] = None  # training seed for task=train_classifier; None uses the run's seed
     augment_shift: int = 2  # random translation in pixels during classifier training
+    epochs: Optional[int] = None  # of task=train_classifier; None: trainer.epochs (trainer=classifier: 8)
+
+    def expected_architecture(self) -> dict[str, Any]:
+        """What a model file must hold to be this classifier (``checkpoints.load_classifier``'s ``expect``)."""
+        return {"arch": self.arch.value, "widths": list(self.widths), "blocks": self.blocks}
 
 
 @dataclass
@@ -183,7 +188,7 @@ class TaskConfig:
 
 
 # The classifiers experiment=reproduce can train (conf/classifier/ options); semvae.reproduce maps each to its file.
-REPRODUCE_CLASSIFIERS = ("classifier", "judge")
+REPRODUCE_CLASSIFIERS = ("classifier", "judge", "mlp", "cnn")
 
 
 @dataclass
@@ -194,7 +199,7 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seed 0 goes to weights/, the others to seeds/
     epochs: int = 50  # of every VAE; the exported file names say it
     classifiers: list[str] = field(default_factory=lambda: list(REPRODUCE_CLASSIFIERS))  # conf/classifier/ options
-    classifier_epochs: Optional[int] = None  # None: trainer=classifier's own
+    classifier_epochs: Optional[int] = None  # None: each classifier's own (classifier.epochs, else trainer's)
     evaluate: bool = True  # compare every VAE on the test split at the end
 
 
@@ -334,6 +339,7 @@ def validate(cfg: Config) -> Config:
     _require(n_widths_ok, "classifier.widths", widths_meaning, c.widths)
     _require(all(w >= 1 for w in c.widths), "classifier.widths", "entries must be >= 1", c.widths)
     _require(c.blocks >= 0, "classifier.blocks", "must be >= 0", c.blocks)
+    _require(c.epochs is None or c.epochs >= 1, "classifier.epochs", "must be >= 1 or null", c.epochs)
     _require(0 <= c.augment_shift <= 8, "classifier.augment_shift", "must be in [0, 8] pixels", c.augment_shift)
     loss = cfg.loss
     _require(loss.beta >= 0, "loss.beta", "must be >= 0", loss.beta)

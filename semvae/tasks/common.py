@@ -44,8 +44,7 @@ def test_data(cfg: Config, device: torch.device) -> Split:
 def load_classifier(cfg: Config, device: torch.device) -> nn.Module:
     """The frozen feature extractor phi from ``classifier.checkpoint``, checked against ``classifier.*``."""
     c = cfg.classifier
-    expect = {"arch": c.arch.value, "widths": list(c.widths), "blocks": c.blocks}
-    model, _ = checkpoints.load_classifier(c.checkpoint, device, expect)
+    model, _ = checkpoints.load_classifier(c.checkpoint, device, c.expected_architecture())
     return model
 
 

@@ -166,7 +166,8 @@ def evaluate_model(
                 metrics[f"{key}_se"] = ev.resampled_se(values[form], values[f"resampled_{form}"])
             for step, row in zip(steps, values[form], strict=True):
                 metrics[f"{key}_step{step:g}"] = ev.mean_and_se(row)[0]
-        metrics[f"gsv_relative_{judge}"] = metrics[f"gsv_norm_{judge}"] / metrics[f"gsv_shuffled_{judge}"]
+        reference = metrics[f"gsv_shuffled_{judge}"]  # 0 when no shift moves the reading: no ratio
+        metrics[f"gsv_relative_{judge}"] = metrics[f"gsv_norm_{judge}"] / reference if reference else float("nan")
         if resamples > 0:
             replicates[judge] = two_way_errors(metrics, judge, values, resamples, seed, n_random_directions)
 

@@ -187,7 +187,10 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
         verdict = f"lambda = {chosen:g}"
     elif table["qualifies"].isna().any():
         pending = ", ".join(f"{w:g}" for w in table.index[table["qualifies"].isna()])
-        verdict = f"undecided: no MSE interval yet for lambda = {pending} (one seed on a side of the comparison)"
+        verdict = (
+            f"undecided: no MSE interval yet for lambda = {pending} (one seed on a side of the comparison), or its "
+            "accuracy on reconstructions not yet read by every judge of the rule (held-out, mlp, cnn)"
+        )
     else:
         verdict = "none qualifies: keep lambda = 0 (no semantic term)"
     rows = [
@@ -208,7 +211,8 @@ def _preset_rule(vaes: pd.DataFrame, confidence: float) -> list[str]:
         "",
         "Rule, fixed before the sweep: the lowest mean held-out normalised GSV among the lambdas whose MSE excess over "
         f"lambda = 0 stays, with {confidence:.0%} confidence (upper end of its Welch interval), within 10% of the "
-        "lambda = 0 MSE.",
+        "lambda = 0 MSE, and whose accuracy on reconstructions under each of the held-out, mlp and cnn judges (never "
+        "phi alone) stays, with the same confidence, within 1 percentage point of lambda = 0's.",
         "",
         markdown(header, rows).rstrip("\n"),
         "",

@@ -216,6 +216,39 @@ def to_markdown_by_metric(table: pd.DataFrame, digits: int = 4) -> str:
     return markdown(["metric"] + [g[0] for g in groups], rows)
 
 
+# the judges whose reading of the reconstructions the preset rule requires (never phi, the loss's own reader)
+RECOGNITION_JUDGES = ("heldout", "mlp", "cnn")
+
+
+def recognisability(
+    runs: pd.DataFrame, base: pd.DataFrame, judges: Sequence[str], drop: float, confidence: float = 0.95
+) -> bool | None:
+    """Whether ``runs`` read as digits to every judge of ``judges`` about as well as the ``base`` runs (lambda = 0):
+    the upper end of the Welch interval of (base accuracy on reconstructions - runs' accuracy) at most ``drop``
+    for each judge. False as soon as one judge shows a larger drop; None when a judge's accuracy is missing on
+    either side or one side has one seed (no interval); True otherwise."""
+    verdicts = []
+    for judge in judges:
+        key = f"test/recon_accuracy_{judge}"
+        if key not in runs or key not in base:
+            verdicts.append(None)
+            continue
+        ours = pd.to_numeric(runs[key], errors="coerce").dropna()
+        theirs = pd.to_numeric(base[key], errors="coerce").dropna()
+        loss, half = welch_interval(theirs, ours, confidence)
+        verdicts.append(bool(loss + half <= drop) if np.isfinite(half) else None)
+    if False in verdicts:
+        return False
+    return None if None in verdicts else True
+
+
+def both(a: bool | None, b: bool | None) -> bool | None:
+    """Three-valued and: False if either is False, None if either is undecided, else True."""
+    if a is False or b is False:
+        return False
+    return None if a is None or b is None else True
+
+
 def choose_semantic_weight(
     frame: pd.DataFrame,
     beta: float = 1.0,
@@ -223,6 +256,8 @@ def choose_semantic_weight(
     mse: str = "test/mse",
     tolerance: float = 0.10,
     confidence: float = 0.95,
+    recognisable_under: Sequence[str] = RECOGNITION_JUDGES,
+    accuracy_drop: float = 0.01,
 ) -> tuple[float | None, pd.DataFrame]:
     """The rule that picks the semantic preset's lambda, fixed before any sweep is read. Among the settings with
     this ``beta`` and lambda > 0, a setting qualifies when its MSE is, with ``confidence``, at most ``tolerance``
@@ -232,6 +267,14 @@ def choose_semantic_weight(
     the choice waits for its second seed.
 
     The preset is a weight of the normalised term, so runs with the raw term (``raw_term``) are left out.
+
+    Recognisability, decided before any lambda = 30 result existed: a setting qualifies only if, besides the MSE,
+    its reconstructions stay recognisable to every judge of ``recognisable_under`` (by default the held-out ResNet
+    and the judges of other architecture families, never phi, which the loss trains against and which may be fooled
+    either way): for each, the upper end of the Welch interval of (the lambda = 0 accuracy on reconstructions - its
+    own) is at most ``accuracy_drop`` (one percentage point). A setting whose runs, or the lambda = 0 runs, lack a
+    judge's ``test/recon_accuracy_<judge>`` (not evaluated with that judge yet) or have one seed is neither in nor
+    out (None): the rule waits for that evaluation rather than pass it unread.
 
     Returns (lambda, or None when no setting qualifies or the choice waits; the table the rule read, one row per
     lambda > 0: means, the MSE difference with its half-width, the allowed excess, whether it qualifies: None where a
@@ -256,6 +299,9 @@ def choose_semantic_weight(
             "allowed_excess": allowed,
             "qualifies": bool(difference + half <= allowed) if np.isfinite(half) else None,  # None: one seed
         }
+        recognisable = recognisability(group, runs[weights == 0], recognisable_under, accuracy_drop, confidence)
+        rows[float(weight)]["recognisable"] = recognisable
+        rows[float(weight)]["qualifies"] = both(rows[float(weight)]["qualifies"], recognisable)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "loss.semantic_weight"
     qualified = table[table["qualifies"] == True] if not table.empty else table  # noqa: E712 - None is not True

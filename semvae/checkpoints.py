@@ -227,13 +227,14 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", expect: dict[
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu", expect: dict[str, Any] | None = None):
-    """A frozen Classifier rebuilt from a model file's stored architecture (checked against ``expect``)."""
-    from semvae.models import Classifier, freeze
+    """A frozen classifier rebuilt from a model file's stored architecture (checked against ``expect``); a file
+    without ``arch`` holds a ResNet (``Classifier``), the only kind before other families were added."""
+    from semvae.models import build_classifier, freeze
 
     state = load(path)
     arch = state.get("architecture")
     if state.get("kind") != "classifier" or not arch:
         raise CheckpointError(f"{path} is not a classifier model file (kind={state.get('kind')!r})")
-    model = Classifier(arch["widths"], arch["blocks"])
+    model = build_classifier(arch.get("arch", "resnet"), arch["widths"], arch.get("blocks", 1))
     load_weights(model, state, path, expect or {})
     return freeze(model.to(device)), state

@@ -44,8 +44,27 @@ class TaskName(str, Enum):
 
 class JudgeName(str, Enum):
     train = "train"  # the classifier used by the semantic loss (classifier.checkpoint)
-    heldout = "heldout"  # a second classifier never used by any loss (evaluation.heldout_checkpoint)
+    heldout = "heldout"  # a second ResNet classifier never used by any loss (evaluation.heldout_checkpoint)
+    mlp = "mlp"  # a multilayer perceptron, another architecture family, never used by any loss
+    cnn = "cnn"  # a plain LeNet-style CNN (no residual path, no normalisation), never used by any loss
     morpho = "morpho"  # Morpho-MNIST morphometrics, standardised over the test set
+
+
+# the classifier judges and the key of each one's model file (the morphometrics need none)
+CLASSIFIER_JUDGES = {
+    "train": "classifier.checkpoint",
+    "heldout": "evaluation.heldout_checkpoint",
+    "mlp": "evaluation.mlp_checkpoint",
+    "cnn": "evaluation.cnn_checkpoint",
+}
+
+
+class ClassifierArch(str, Enum):
+    """The classifier's architecture family (semvae/models.py, ``build_classifier``)."""
+
+    resnet = "resnet"  # residual CNN with batch norm; widths = channels at 28, 14, 7 px (phi and the held-out judge)
+    mlp = "mlp"  # multilayer perceptron; widths = hidden layer sizes
+    cnn = "cnn"  # plain LeNet-style CNN; widths = (conv channels, conv channels, hidden units)
 
 
 class LrSchedule(str, Enum):
@@ -86,11 +105,17 @@ class ModelConfig:
 @dataclass
 class ClassifierConfig:
     name: str = "classifier"
+    arch: ClassifierArch = ClassifierArch.resnet
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks: int = 1
     checkpoint: str = "weights/classifier.pth"  # where task=train_classifier exports it and the VAE loads it
     seed: Optional[int] = None  # training seed for task=train_classifier; None uses the run's seed
     augment_shift: int = 2  # random translation in pixels during classifier training
+    epochs: Optional[int] = None  # of task=train_classifier; None: trainer.epochs (trainer=classifier: 8)
+
+    def expected_architecture(self) -> dict[str, Any]:
+        """What a model file must hold to be this classifier (``checkpoints.load_classifier``'s ``expect``)."""
+        return {"arch": self.arch.value, "widths": list(self.widths), "blocks": self.blocks}
 
 
 @dataclass
@@ -167,7 +192,7 @@ class TaskConfig:
 
 
 # The classifiers experiment=reproduce can train (conf/classifier/ options); semvae.reproduce maps each to its file.
-REPRODUCE_CLASSIFIERS = ("classifier", "judge")
+REPRODUCE_CLASSIFIERS = ("classifier", "judge", "mlp", "cnn")
 
 
 @dataclass
@@ -178,7 +203,7 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seed 0 goes to weights/, the others to seeds/
     epochs: int = 50  # of every VAE; the exported file names say it
     classifiers: list[str] = field(default_factory=lambda: list(REPRODUCE_CLASSIFIERS))  # conf/classifier/ options
-    classifier_epochs: Optional[int] = None  # None: trainer=classifier's own
+    classifier_epochs: Optional[int] = None  # None: each classifier's own (classifier.epochs, else trainer's)
     evaluate: bool = True  # compare every VAE on the test split at the end
 
 
@@ -186,7 +211,9 @@ class ReproduceConfig:
 class EvaluationConfig:
     checkpoints: list[str] = field(default_factory=list)  # VAE model files to compare
     heldout_checkpoint: str = "weights/judge.pth"
-    judges: list[JudgeName] = field(default_factory=lambda: [JudgeName.train, JudgeName.heldout, JudgeName.morpho])
+    mlp_checkpoint: str = "weights/judge_mlp.pth"  # the mlp judge (classifier=mlp)
+    cnn_checkpoint: str = "weights/judge_cnn.pth"  # the cnn judge (classifier=cnn)
+    judges: list[JudgeName] = field(default_factory=lambda: list(JudgeName))
     seed: int = 0  # fixes starting images, directions, pairs and ELBO noise: the same for every model
     n_points: int = 1000  # GSV starting points z_i = mu(x_i), test images
     morpho_points: int = 200  # starting points judged by the (slower, per-image) morphometrics
@@ -316,9 +343,16 @@ def validate(cfg: Config) -> Config:
     _require(all(w >= 1 for w in m.widths), "model.widths", "entries must be >= 1", m.widths)
     _require(m.blocks >= 0, "model.blocks", "must be >= 0", m.blocks)
     c = cfg.classifier
-    _require(len(c.widths) == 3, "classifier.widths", "needs 3 entries (channels at 28, 14, 7 px)", c.widths)
+    widths_meaning = {
+        ClassifierArch.resnet: "needs 3 entries (channels at 28, 14, 7 px) for classifier.arch=resnet",
+        ClassifierArch.cnn: "needs 3 entries (conv channels, conv channels, hidden units) for classifier.arch=cnn",
+        ClassifierArch.mlp: "needs 1 or more entries (hidden layer sizes) for classifier.arch=mlp",
+    }[c.arch]
+    n_widths_ok = len(c.widths) >= 1 if c.arch == ClassifierArch.mlp else len(c.widths) == 3
+    _require(n_widths_ok, "classifier.widths", widths_meaning, c.widths)
     _require(all(w >= 1 for w in c.widths), "classifier.widths", "entries must be >= 1", c.widths)
     _require(c.blocks >= 0, "classifier.blocks", "must be >= 0", c.blocks)
+    _require(c.epochs is None or c.epochs >= 1, "classifier.epochs", "must be >= 1 or null", c.epochs)
     _require(0 <= c.augment_shift <= 8, "classifier.augment_shift", "must be in [0, 8] pixels", c.augment_shift)
     loss = cfg.loss
     _require(0 <= loss.beta < math.inf, "loss.beta", "must be finite and >= 0", loss.beta)

@@ -116,6 +116,12 @@ def entry(path: Path, test: Split, digest: str) -> dict[str, Any]:
         "dirty": state.get("dirty"),
         "created": state.get("created"),
         "check": {"metric": metric, "test_slice": [0, len(test)], "value": value},
+        # a classifier's preset (conf/classifier/) and its accuracy on the whole test split when it was trained
+        **(
+            {"preset": state.get("classifier"), "test_accuracy": state["test/accuracy"]}
+            if "test/accuracy" in state
+            else {}
+        ),
     }
 
 

@@ -1,9 +1,13 @@
-"""ResNet VAE and ResNet classifier for 1x28x28 images.
+"""ResNet VAE and the digit classifiers for 1x28x28 images.
 
-Both work at three resolutions (28, 14, 7 pixels) with configurable channel widths and residual blocks per
-resolution. The VAE has no batch normalisation: a decoded image depends on its own latent code only, so shifted
-and unshifted codes can share one batched decoder call without leaking statistics between them. The classifier
-uses batch normalisation and is frozen (eval mode) whenever it serves as the feature extractor phi.
+The VAE and the ResNet classifier work at three resolutions (28, 14, 7 pixels) with configurable channel widths and
+residual blocks per resolution. The VAE has no batch normalisation: a decoded image depends on its own latent code
+only, so shifted and unshifted codes can share one batched decoder call without leaking statistics between them.
+The ResNet classifier uses batch normalisation and is frozen (eval mode) whenever it serves as the feature extractor
+phi. Two classifiers of other architecture families serve only as judges of the evaluation, never in a loss: a
+multilayer perceptron (``MLPClassifier``) and a plain LeNet-style CNN without residual connections or normalisation
+(``PlainCNNClassifier``). Every classifier has ``features`` (its penultimate reading, the judge's features),
+``feature_dim`` and a ``forward`` giving class logits; ``build_classifier`` makes one from its architecture name.
 """
 
 from __future__ import annotations
@@ -121,6 +125,75 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+class MLPClassifier(nn.Module):
+    """Multilayer perceptron on the 784 standardised pixels: ``widths`` hidden layers, each Linear -> ReLU, then a
+    linear head. No convolution, no normalisation, no residual path: it shares nothing with the ResNets but the data.
+    """
+
+    def __init__(self, widths: Sequence[int] = (256, 128), n_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, fan_out in zip([28 * 28, *widths[:-1]], widths, strict=True):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], n_classes)
+        self.feature_dim = widths[-1]
+
+    def features(self, x: Tensor) -> Tensor:
+        """The last hidden layer's activations (B, widths[-1])."""
+        return self.body((x - MNIST_MEAN) / MNIST_STD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class PlainCNNClassifier(nn.Module):
+    """LeNet-style CNN: conv5x5 -> ReLU -> max-pool (28 -> 14), conv5x5 -> ReLU -> max-pool (14 -> 7), then a fully
+    connected hidden layer with ReLU and a linear head; ``widths`` = (channels, channels, hidden units). No residual
+    path, no normalisation, no global average pooling (the ResNets' reading is a pooled map; this one flattens it).
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 128), n_classes: int = 10):
+        super().__init__()
+        c1, c2, hidden = widths
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c1, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, hidden),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, n_classes)
+        self.feature_dim = hidden
+
+    def features(self, x: Tensor) -> Tensor:
+        """The hidden layer's activations (B, widths[2])."""
+        return self.body((x - MNIST_MEAN) / MNIST_STD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+# classifier architectures by name (ClassifierConfig.arch; stored in a model file's "architecture")
+CLASSIFIER_ARCHS = ("resnet", "mlp", "cnn")
+
+
+def build_classifier(arch: str, widths: Sequence[int], blocks: int = 1) -> nn.Module:
+    """A fresh classifier of architecture ``arch`` (one of ``CLASSIFIER_ARCHS``); ``blocks`` counts for the ResNet
+    only."""
+    if arch == "resnet":
+        return Classifier(widths, blocks)
+    if arch == "mlp":
+        return MLPClassifier(widths)
+    if arch == "cnn":
+        return PlainCNNClassifier(widths)
+    raise ValueError(f"unknown classifier architecture {arch!r}; allowed: {', '.join(CLASSIFIER_ARCHS)}")
 
 
 def freeze(model: nn.Module) -> nn.Module:

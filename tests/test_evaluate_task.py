@@ -71,7 +71,8 @@ def test_evaluate_writes_table_figures_and_per_model_json(tmp_path, wandb_offlin
         assert frame["recon_top_class"][i] == read.argmax() and frame["recon_top_class_share"][i] == read.max() / 120
         assert read.max() < 30  # the shipped models' reconstructions are read as many digits
     table = (run_dir / "comparison.md").read_text()
-    assert table.count("\n") == 4 and "GSV norm (held-out)" in table and " ± " in table
+    assert table.count("\n") == 6 and "GSV norm (held-out)" in table and " ± " in table  # header, rule, 2 rows, note
+    assert "two-way bootstrap" in table and "shuffled ref. (mlp)" in table and "acc. on recon. (cnn)" in table
     for name in ("VAE_epoch50", "semanticVAE_epoch50"):
         details = json.loads((run_dir / "models" / f"{name}.json").read_text())
         assert details["model"] == name and details["config"]["model"]["latent_dim"] == 16
@@ -122,7 +123,7 @@ def test_rows_are_kept_by_what_the_judges_are_not_where_they_lie(tmp_path):
     another judge file is another setting."""
     moved = tmp_path / "elsewhere"
     moved.mkdir()
-    for name in ("classifier.pth", "judge.pth"):
+    for name in ("classifier.pth", "judge.pth", "judge_mlp.pth", "judge_cnn.pth"):
         (moved / name).write_bytes((WEIGHTS / name).read_bytes())
     here = evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={WEIGHTS}"))
     there = evaluation_settings(compose_config("task=evaluate", f"paths.weights_dir={moved}"))

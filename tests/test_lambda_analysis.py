@@ -63,16 +63,26 @@ def test_the_preset_rule_takes_the_most_consistent_lambda_whose_mse_stays_within
             for d in (-0.0001, 0.0, 0.0001)
         ]
     )
-    chosen, table = choose_semantic_weight(sweep)
+    # the MSE part of the rule alone (recognisability below)
+    chosen, table = choose_semantic_weight(sweep, recognisable_under=())
     assert chosen == 10.0 and list(table["qualifies"]) == [True, False]
-    assert choose_semantic_weight(sweep, tolerance=0.25)[0] == 100.0  # a looser rule takes the more consistent one
+    assert (
+        choose_semantic_weight(sweep, tolerance=0.25, recognisable_under=())[0] == 100.0
+    )  # a looser rule takes the more consistent one
     # a lambda with one seed is neither in nor out: it holds the choice back only where it could still win
     one_seed = lambda w, g: pd.DataFrame(  # noqa: E731
         [{"loss.beta": 1.0, "loss.semantic_weight": w, "test/mse": 0.0101, "test/gsv_norm_heldout": g}]
     )
-    chosen, table = choose_semantic_weight(pd.concat([sweep, one_seed(1000.0, 0.10)]))
+    chosen, table = choose_semantic_weight(pd.concat([sweep, one_seed(1000.0, 0.10)]), recognisable_under=())
     assert chosen is None and table.loc[1000.0, "qualifies"] is None  # its GSV 0.10 is below lambda = 10's 0.40
-    assert choose_semantic_weight(pd.concat([sweep, one_seed(1.0, 0.45)]))[0] == 10.0  # 0.45 cannot beat 0.40
+    assert choose_semantic_weight(pd.concat([sweep, one_seed(1.0, 0.45)]), recognisable_under=())[0] == 10.0
+    # recognisability: without the other judges' accuracies the rule waits; with them, a drop > 1 point excludes
+    assert choose_semantic_weight(sweep)[0] is None and choose_semantic_weight(sweep)[1]["recognisable"].isna().all()
+    accuracy = {0.0: 0.98, 10.0: 0.979, 100.0: 0.95}
+    for judge in ("heldout", "mlp", "cnn"):
+        sweep[f"test/recon_accuracy_{judge}"] = [accuracy[w] + d for w in mse for d in (-0.001, 0.0, 0.001)]
+    chosen, table = choose_semantic_weight(sweep, tolerance=0.25)  # lambda = 100 passes the MSE test, not this one
+    assert chosen == 10.0 and list(table["recognisable"]) == [True, False]
 
 
 def test_the_report_states_the_rule_and_its_choice(tmp_path):

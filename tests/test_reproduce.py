@@ -60,7 +60,8 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
     ended = run_in_process(*args)
     assert ended.returncode == 0, ended.stderr
     run_dir = out / "reproduce"
-    expected = ["VAE_epoch1.pth", "b5-VAE_epoch1.pth", "classifier.pth", "judge.pth", "semanticVAE_epoch1.pth"]
+    expected = ["VAE_epoch1.pth", "b5-VAE_epoch1.pth", "classifier.pth", "judge.pth", "judge_cnn.pth", "judge_mlp.pth"]
+    expected.append("semanticVAE_epoch1.pth")
     assert sorted(p.name for p in weights.glob("*.pth")) == expected
     seeds = sorted(p.name for p in (weights / "seeds").glob("*.pth"))
     assert seeds == ["VAE_seed1_epoch1.pth", "b5-VAE_seed1_epoch1.pth", "semanticVAE_seed1_epoch1.pth"]
@@ -68,7 +69,9 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
     assert b5["config"]["seed"] == 1 and b5["config"]["loss"]["beta"] == 5.0 and b5["summary"]["epochs"] == 1
     semantic = checkpoints.load(weights / "semanticVAE_epoch1.pth")
     assert semantic["config"]["classifier"]["checkpoint"] == str(weights / "classifier.pth")
-    for stage in ("classifier_classifier", "classifier_judge", "VAE_s0", "b5-VAE_s1", "semanticVAE_s1"):
+    mlp = checkpoints.load(weights / "judge_mlp.pth")  # reproduce.classifier_epochs=1 holds for every classifier
+    assert mlp["architecture"]["arch"] == "mlp" and mlp["summary"]["epochs"] == 1
+    for stage in ("classifier_classifier", "classifier_judge", "classifier_mlp", "classifier_cnn", "VAE_s0"):
         assert json.loads((run_dir / stage / "summary.json").read_text())["status"] == "finished", stage
 
     models = collect_runs(run_dir / "evaluation")
@@ -91,7 +94,7 @@ def test_reproduce_trains_every_stage_then_evaluates_and_resumes_by_skipping(tmp
     caplog.set_level(logging.INFO, logger="semvae.tasks.reproduce")
     again = run_in_process(*args, "reproduce.evaluate=false")
     assert again.returncode == 0, again.stderr
-    assert caplog.text.count("exists, skipped") == 8
+    assert caplog.text.count("exists, skipped") == 10
     assert {p: p.stat().st_mtime_ns for p in weights.rglob("*.pth")} == before
 
 
@@ -108,6 +111,6 @@ def test_reproduce_rejects_an_unknown_variant_before_any_work(tmp_path):
     refused = preflight(
         "experiment=reproduce", "reproduce.classifiers=[classifier,judg]", f"paths.output_dir={tmp_path}/o"
     )
-    message = "reproduce.classifiers=['classifier', 'judg']: allowed values: classifier, judge"
+    message = "reproduce.classifiers=['classifier', 'judg']: allowed values: classifier, judge, mlp, cnn"
     assert refused.returncode == 2 and message in refused.stderr
     assert not (tmp_path / "o").exists()

@@ -80,6 +80,19 @@ def reading_spread(judge: Judge, images: Tensor, batch_size: int = 1000) -> floa
     return features.var(dim=0, unbiased=False).sum().item()
 
 
+@torch.no_grad()
+def recognition(
+    classifier: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, batch_size: int = 1000, n_classes: int = 10
+) -> tuple[float, int, float]:
+    """How a classifier reads ``images`` (reconstructions): the fraction assigned to ``labels``, the class assigned
+    most often and the fraction assigned to it (about 0.11 for real MNIST digits; near 1 for a decoder that writes
+    one pattern the classifier reads as one class). Returns (accuracy, top class, top-class share)."""
+    predicted = torch.cat([classifier(images[s]).argmax(1) for s in batches(len(images), batch_size)])
+    counts = torch.bincount(predicted, minlength=n_classes)
+    accuracy = (predicted == labels).double().mean().item()
+    return accuracy, int(counts.argmax()), counts.max().item() / len(predicted)
+
+
 def evaluation_directions(latent_dim: int, n_random: int = 64, seed: int = 0) -> Tensor:
     """Unit directions of the GSV: every latent axis +-e_j, then ``n_random`` uniform on the sphere, (2L + n, L)."""
     eye = torch.eye(latent_dim)
@@ -120,6 +133,93 @@ def resampled_se(values: Tensor, resampled: Tensor) -> float:
     return resampled[:, keep].mean(dim=1).std(unbiased=True).item()
 
 
+def shuffled_assignment(n_points: int, n_directions: int, seed: int = 0) -> Tensor:
+    """The direction each starting point takes in each cell of the shuffled-direction reference, (N, D) long: row i
+    is an independent random permutation of the D directions, so in reference cell c point i is shifted along
+    direction ``assignment[i, c]``, drawn independently of every other point's. From ``seed``: the same for every
+    model."""
+    keys = torch.rand(n_points, n_directions, generator=torch.Generator().manual_seed(seed))
+    return keys.argsort(dim=1)
+
+
+def shuffled_cells(delta: Tensor, assignment: Tensor) -> Tensor:
+    """The changes of one step's D directions, ``delta`` (D, N, F), regrouped into the D cells of the
+    shuffled-direction reference: cell c holds, for each point i, its change under direction ``assignment[i, c]``
+    (``shuffled_assignment``), (D, N, F). No new decoding: the reference uses the same changes as the GSV, only
+    which point goes with which direction is drawn at random, so its mean squared change over the step is the
+    GSV's."""
+    points = torch.arange(delta.shape[1], device=delta.device)
+    return delta[assignment.T.to(delta.device), points]
+
+
+def direction_resampling_weights(n_fixed: int, n_random: int, resamples: int, seed: int = 0) -> Tensor:
+    """Bootstrap weights over the D = ``n_fixed`` + ``n_random`` directions of a GSV table, (resamples, D) float64,
+    rows summing to 1: the fixed directions (the latent axes, the same in every evaluation) count once in every
+    resample, the random ones as often as they are drawn in ``n_random`` draws with replacement. With
+    ``resampling_weights`` over the points this is the two-way bootstrap of ``two_way_replicates``."""
+    counts = torch.ones(resamples, n_fixed + n_random, dtype=torch.float64)
+    if n_random > 0:
+        counts[:, n_fixed:] = resampling_weights(n_random, resamples, seed) * n_random
+    return counts / counts.sum(dim=1, keepdim=True)
+
+
+def two_way_replicates(values: Tensor, resampled: Tensor, direction_weights: Tensor) -> Tensor:
+    """A GSV (the mean of ``values`` (S, D) over its finite cells) on every two-way bootstrap resample, (B,):
+    ``resampled`` (B, S, D) holds the cells recomputed on the B resamples of the starting points, and resample b
+    weighs direction d by ``direction_weights[b, d]`` (``direction_resampling_weights``), so each replicate redraws
+    points and random directions together. Cells left out of the value (NaN under the change floor) stay out."""
+    keep = values.isfinite().to(resampled.device)
+    weights = direction_weights.to(resampled)[:, None, :] * keep
+    total = weights.sum(dim=(1, 2))
+    return (weights * resampled.nan_to_num(0.0)).sum(dim=(1, 2)) / total
+
+
+def replicate_se(replicates: Tensor) -> float:
+    """The standard error a set of bootstrap replicates gives: their standard deviation (NaN for fewer than two).
+    The replicates of a paired difference of two models are the differences of their replicates, since every model
+    is resampled on the same points and directions."""
+    finite = replicates[replicates.isfinite()]
+    return finite.std(unbiased=True).item() if len(finite) >= 2 else float("nan")
+
+
+class ShuffledReference:
+    """The shuffled-direction reference of ``global_semantic_variance``, built as the changes arrive: a judge's
+    changes are held until one step's D directions are complete, then regrouped by ``shuffled_cells`` and reduced
+    like the GSV's own cells (normalised form; on the bootstrap resamples too when given; under the change floor
+    when given). Holds at most one step's changes per judge."""
+
+    def __init__(self, judges, assignment: Tensor, eps: float = 1e-8):
+        self.assignment, self.eps = assignment, eps
+        self.pending: dict[str, list[Tensor]] = {name: [] for name in judges}
+        self.norm: dict[str, list[Tensor]] = {name: [] for name in judges}
+        self.resampled: dict[str, list[Tensor]] = {name: [] for name in judges}
+
+    def add(self, name: str, delta: Tensor, weights: Tensor | None, floor: float | None) -> None:
+        """The changes ``delta`` (k, N, F) of the next k (step, direction) cells of judge ``name``."""
+        self.pending[name].append(delta)
+        n_directions = self.assignment.shape[1]
+        if sum(len(d) for d in self.pending[name]) < n_directions:
+            return
+        held = torch.cat(self.pending[name])
+        while len(held) >= n_directions:
+            cells = shuffled_cells(held[:n_directions], self.assignment)
+            held = held[n_directions:]
+            ratio = semantic_variance_per_direction(cells, normalize=True, eps=self.eps)
+            if floor is not None:
+                ratio = torch.where(mean_squared_change(cells) < floor, torch.full_like(ratio, float("nan")), ratio)
+            self.norm[name].append(ratio)
+            if weights is not None:
+                self.resampled[name].append(resampled_forms(cells, weights, self.eps)["norm"])
+        self.pending[name] = [held] if len(held) else []
+
+    def forms(self) -> dict[str, dict[str, Tensor]]:
+        """{"shuffled_norm": {judge: (S*D,) chunks}, "resampled_shuffled_norm": {judge: (B, S*D) chunks}}."""
+        out = {"shuffled_norm": self.norm}
+        if any(self.resampled.values()):
+            out["resampled_shuffled_norm"] = self.resampled
+        return out
+
+
 @torch.no_grad()
 def global_semantic_variance(
     decode: Callable[[Tensor], Tensor],
@@ -133,6 +233,7 @@ def global_semantic_variance(
     floor: dict[str, float] | None = None,
     resamples: int = 0,
     seed: int = 0,
+    reference: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """GSV of docs/METHOD.md for starting codes ``z`` (N, L), unit ``directions`` (D, L) and step sizes ``steps``.
 
@@ -148,6 +249,9 @@ def global_semantic_variance(
     ``resamples`` > 0: the three forms are also computed on that many bootstrap resamples of the N starting points
     (``resampling_weights`` from ``seed``), for the standard error a different draw of starting points would give
     (``resampled_se``).
+    ``reference``: also the normalised form of the shuffled-direction reference (``shuffled_cells``, each point
+    given a direction drawn independently of the others', ``shuffled_assignment`` from ``seed`` + 1) in the same
+    cells, from the same changes: ``"shuffled_norm"`` (S, D), and ``"resampled_shuffled_norm"`` with resamples.
     Returns ``{judge: {"raw": (S, D), "norm": (S, D), "change": (S, D)}}``, with ``"resampled_raw"`` (B, S, D),
     ``"resampled_norm"`` and ``"resampled_change"`` when ``resamples`` > 0.
     """
@@ -161,6 +265,7 @@ def global_semantic_variance(
     change = {name: [] for name in judges}
     weights = resampling_weights(n, resamples, seed).to(z.device) if resamples > 0 else None
     resampled = {form: {name: [] for name in judges} for form in ("raw", "norm", "change")}
+    shuffled = ShuffledReference(judges, assignment=shuffled_assignment(n, len(directions), seed + 1), eps=eps)
     bar = ShiftProgress(len(shifts), progress)
     for s in batches(len(shifts), per_chunk):
         stopping.check("evaluation stopped")  # between chunks: a stop signal is honoured within seconds
@@ -180,12 +285,16 @@ def global_semantic_variance(
             if weights is not None:
                 for form, values in resampled_forms(delta, weights, eps).items():
                     resampled[form][name].append(values)
+            if reference:
+                shuffled.add(name, delta, weights, None if floor is None else floor.get(name))
         bar.update(k)
     bar.close()
     n_steps = len(steps)
     forms = {"raw": raw, "norm": norm, "change": change}
     if weights is not None:
         forms |= {f"resampled_{form}": values for form, values in resampled.items()}
+    if reference:
+        forms |= shuffled.forms()
 
     def shaped(chunks: list[Tensor]) -> Tensor:  # (S*D,) or (B, S*D) in chunks -> (S, D) or (B, S, D)
         values = torch.cat(chunks, dim=-1)

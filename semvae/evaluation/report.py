@@ -13,32 +13,47 @@ if TYPE_CHECKING:  # pandas and matplotlib are imported where a table or figure 
     import pandas as pd
     from matplotlib.figure import Figure
 
-# columns of the comparison table: (metric, label); a metric with a "_se" twin is shown as mean ± se.
-# Δ² is how much the judge's reading changes (sum over features of the mean squared change, the normalised GSV's
-# denominator): read every normalised GSV beside it.
+# columns of the comparison table: (metric, label); a metric with a standard error is shown as mean ± se (see
+# ``markdown_table`` for which). Per judge: the raw and normalised GSV, the shuffled-direction reference beside the
+# normalised GSV and the GSV relative to it, and Δ², how much the judge's reading changes (sum over features of the
+# mean squared change, the normalised GSV's denominator): read every normalised GSV beside its reference and Δ².
+JUDGE_LABELS = {"train": "train", "heldout": "held-out", "mlp": "mlp", "cnn": "cnn", "morpho": "morpho"}
+GSV_COLUMNS = [
+    ("gsv_raw_{}", "GSV raw ({})"),
+    ("gsv_norm_{}", "GSV norm ({})"),
+    ("gsv_shuffled_{}", "shuffled ref. ({})"),
+    ("gsv_relative_{}", "GSV / ref. ({})"),
+    ("gsv_change_{}", "Δ² ({})"),
+]
 TABLE_COLUMNS = [
     ("mse", "MSE"),
     ("neg_elbo", "-ELBO"),
-    ("gsv_raw_train", "GSV raw (train)"),
-    ("gsv_norm_train", "GSV norm (train)"),
-    ("gsv_change_train", "Δ² (train)"),
-    ("gsv_raw_heldout", "GSV raw (held-out)"),
-    ("gsv_norm_heldout", "GSV norm (held-out)"),
-    ("gsv_change_heldout", "Δ² (held-out)"),
-    ("gsv_raw_morpho", "GSV raw (morpho)"),
-    ("gsv_norm_morpho", "GSV norm (morpho)"),
-    ("gsv_change_morpho", "Δ² (morpho)"),
+    *[(key.format(judge), label.format(name)) for judge, name in JUDGE_LABELS.items() for key, label in GSV_COLUMNS],
     ("latent_norm_mean", "mean ‖μ‖"),
     ("latent_norm_std", "sd ‖μ‖"),
     ("prior_norm_mean", "prior E‖z‖"),
     ("active_units", "active units"),
-    ("recon_accuracy", "acc. on recon."),
-    ("recon_top_class_share", "top class share"),
+    ("recon_accuracy", "acc. on recon. (train)"),
+    ("recon_top_class_share", "top class share (train)"),
+    *[
+        column
+        for judge in ("heldout", "mlp", "cnn")
+        for column in (
+            (f"recon_accuracy_{judge}", f"acc. on recon. ({JUDGE_LABELS[judge]})"),
+            (f"recon_top_class_share_{judge}", f"top class share ({JUDGE_LABELS[judge]})"),
+        )
+    ],
     ("mig", "MIG"),
     ("dci_disentanglement", "DCI D"),
     ("dci_completeness", "DCI C"),
     ("dci_informativeness", "DCI I"),
 ]
+# the error a table shows beside a GSV: the two-way bootstrap's where a row has it, else the points-only one
+ERROR_NOTE = (
+    "± : standard error; for a GSV, over the draw of the starting points and of the random directions together "
+    "(two-way bootstrap, `_se_two_way`), or over the starting points alone (`_se`) in a row that lacks it; for MSE "
+    "and -ELBO, over the test images."
+)
 
 
 def _format(value: Any, se: Any = None) -> str:
@@ -62,10 +77,26 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table with one row per model; metrics with a standard error show as ``mean ± se``."""
+    """A Markdown table with one row per model; metrics with a standard error show as ``mean ± se`` (``error_of``),
+    followed by the note that says which error that is."""
     columns = [(key, label) for key, label in TABLE_COLUMNS if any(key in row for row in rows)]
-    cells = [[str(row["model"])] + [_format(row.get(key), row.get(f"{key}_se")) for key, _ in columns] for row in rows]
-    return markdown(["model"] + [label for _, label in columns], cells)
+    cells = [[str(row["model"])] + [_format(row.get(key), error_of(row, key)) for key, _ in columns] for row in rows]
+    return markdown(["model"] + [label for _, label in columns], cells) + "\n" + ERROR_NOTE + "\n"
+
+
+def error_of(row: dict[str, Any], key: str) -> Any:
+    """The standard error shown beside ``key``: the two-way bootstrap's (points and directions) when the row has
+    it, else the points-only one (``ERROR_NOTE``)."""
+    two_way = row.get(f"{key}_se_two_way")
+    return two_way if isinstance(two_way, float) and math.isfinite(two_way) else row.get(f"{key}_se")
+
+
+def differences_table(differences: list[dict[str, Any]]) -> str:
+    """Paired differences of models (``suite.paired_differences``) as Markdown: one row per model and metric, the
+    difference ± its two-way bootstrap standard error (starting points and random directions)."""
+    header = ["model", "minus", "metric", "difference ± s.e. (two-way bootstrap)"]
+    cells = [[d["model"], d["baseline"], d["metric"], _format(d["difference"], d["se"])] for d in differences]
+    return markdown(header, cells)
 
 
 def prior_norm(latent_dim: int):
@@ -116,21 +147,22 @@ def latent_norm_figure(norms: dict[str, np.ndarray], latent_dims: dict[str, int]
 
 
 def gsv_figure(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Normalised GSV per judge and model; the bars are 95% intervals of the evaluation (1.96 standard errors)."""
+    """Normalised GSV per judge and model; the bars are 95% intervals of the evaluation (1.96 standard errors,
+    two-way where the row has them: ``error_of``)."""
     from matplotlib.figure import Figure
 
-    judges = [j for j in ("train", "heldout", "morpho") if any(f"gsv_norm_{j}" in r for r in rows)]
+    judges = [j for j in JUDGE_LABELS if any(f"gsv_norm_{j}" in r for r in rows)]
     fig = Figure(figsize=(2 + 2 * len(judges), 4))
     ax = fig.subplots()
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
         x = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(judges))]
         y = [row.get(f"gsv_norm_{j}", float("nan")) for j in judges]
-        err = [1.96 * row.get(f"gsv_norm_{j}_se", 0.0) for j in judges]
+        err = [1.96 * (error_of(row, f"gsv_norm_{j}") or 0.0) for j in judges]
         ax.bar(x, y, width, yerr=err, capsize=3, label=row["model"])
     ax.set_xticks(range(len(judges)), [f"judge: {j}" for j in judges])
     ax.set_ylabel("GSV, normalised (lower: more consistent)")
-    ax.set_title("error bars: 95% interval of the evaluation (1.96 SE)", fontsize=9)
+    ax.set_title("error bars: 95% interval of the evaluation (1.96 SE, points and directions)", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 

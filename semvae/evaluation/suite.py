@@ -14,28 +14,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from semvae import checkpoints
-from semvae.config import Config, ConfigError, JudgeName
+from semvae.config import CLASSIFIER_JUDGES, Config, ConfigError, JudgeName
 from semvae.data import N_CLASSES, Split, load_split
 from semvae.evaluation import metrics as ev
 from semvae.evaluation import morpho, report
-from semvae.models import Classifier, ResNetVAE
+from semvae.models import ResNetVAE
 
 log = logging.getLogger(__name__)
 
 
 # What the evaluation measures, as a number: raised whenever a metric is added or computed differently, so that a
 # stored row of an older version is measured again rather than kept without it. 2: recon_top_class(_share).
-METRICS_VERSION = 2
+# 3: the mlp and cnn judges, recognition under every classifier judge, the shuffled-direction reference and the
+# two-way (points and directions) standard errors.
+METRICS_VERSION = 3
 
 
 @dataclass
 class Judges:
     """Feature extractors reading the semantics of images: classifiers, and the morphometrics."""
 
-    classifiers: dict[str, Classifier] = field(default_factory=dict)  # "train", "heldout"
+    classifiers: dict[str, nn.Module] = field(default_factory=dict)  # "train", "heldout", "mlp", "cnn"
     morpho: bool = True
     morpho_mean: Tensor | None = None  # standardisation over the test set
     morpho_std: Tensor | None = None
@@ -110,22 +112,21 @@ def evaluate_model(
     metrics["prior_norm_mean"] = float(report.prior_norm(vae.latent_dim).mean())
     metrics["active_units"] = ev.active_units(mu)
     metrics["latent_dim"] = vae.latent_dim
-    if "train" in judges.classifiers:
-        with torch.no_grad():
-            predicted = torch.cat(
-                [judges.classifiers["train"](recon[s]).argmax(1) for s in ev.batches(len(recon), batch_size)]
-            )
-        metrics["recon_accuracy"] = (predicted == test_labels).float().mean().item()
-        # a decoder that writes one pattern φ reads as one class scores a low GSV under φ: this share shows it
-        counts = torch.bincount(predicted, minlength=N_CLASSES)
-        metrics["recon_top_class"] = int(counts.argmax())
-        metrics["recon_top_class_share"] = counts.max().item() / len(predicted)
+    # recognisability under every classifier judge, not through φ alone; a decoder that writes one pattern a judge
+    # reads as one class scores a low GSV under that judge: its top-class share shows it
+    for name, net in judges.classifiers.items():
+        read = ev.recognition(net, recon, test_labels, batch_size, N_CLASSES)
+        keys = [f"recon_accuracy_{name}", f"recon_top_class_{name}", f"recon_top_class_share_{name}"]
+        if name == "train":  # φ's, also under the names rows have carried since before the other judges
+            keys += ["recon_accuracy", "recon_top_class", "recon_top_class_share"]
+        metrics |= {key: value for key, value in zip(keys, read * (len(keys) // 3), strict=True)}
     if factors is not None:
         metrics["mig"] = ev.mig(mu.cpu(), factors.cpu()) if vae.latent_dim >= 2 else float("nan")
         for key, value in ev.dci(mu.cpu(), factors.cpu()).items():
             metrics[f"dci_{key}"] = value
 
     z = ev.latent_means(vae, selection.starts, batch_size)
+    replicates: dict[str, dict[str, Tensor]] = {}  # per judge, the two-way bootstrap replicates of each GSV
     directions = ev.evaluation_directions(vae.latent_dim, n_random_directions, seed).to(z.device)
     decode = lambda codes: torch.sigmoid(vae.decode(codes))  # noqa: E731
     classifiers = {name: net.features for name, net in judges.classifiers.items()}
@@ -139,7 +140,7 @@ def evaluate_model(
     )
     # a shift that moves a judge's reading by less than change_floor x its spread over real images moves nothing
     floor = {name: change_floor * value for name, value in spread.items()}
-    resampling = {"resamples": resamples, "seed": seed, "floor": floor}
+    resampling = {"resamples": resamples, "seed": seed, "floor": floor, "reference": True}
     gsv = ev.global_semantic_variance(
         decode, classifiers, z, directions, steps, batch_size, progress=f"GSV ({', '.join(classifiers)})", **resampling
     )
@@ -158,12 +159,17 @@ def evaluate_model(
         metrics[f"reading_spread_{judge}"] = spread[judge]
         metrics[f"gsv_inactive_{judge}"] = values["norm"].isnan().double().mean().item()
         metrics[f"gsv_points_{judge}"] = len(z) if judge != "morpho" else min(morpho_points, len(z))
-        for form in ("raw", "norm", "change"):
-            metrics[f"gsv_{form}_{judge}"] = ev.mean_and_se(values[form])[0]
+        for form in ("raw", "norm", "change", "shuffled_norm"):
+            key = f"gsv_{form.removesuffix('_norm')}_{judge}"  # the reference is gsv_shuffled_{judge}
+            metrics[key] = ev.mean_and_se(values[form])[0]
             if resamples > 0:  # the standard error a different draw of the starting points would give
-                metrics[f"gsv_{form}_{judge}_se"] = ev.resampled_se(values[form], values[f"resampled_{form}"])
+                metrics[f"{key}_se"] = ev.resampled_se(values[form], values[f"resampled_{form}"])
             for step, row in zip(steps, values[form], strict=True):
-                metrics[f"gsv_{form}_{judge}_step{step:g}"] = ev.mean_and_se(row)[0]
+                metrics[f"{key}_step{step:g}"] = ev.mean_and_se(row)[0]
+        reference = metrics[f"gsv_shuffled_{judge}"]  # 0 when no shift moves the reading: no ratio
+        metrics[f"gsv_relative_{judge}"] = metrics[f"gsv_norm_{judge}"] / reference if reference else float("nan")
+        if resamples > 0:
+            replicates[judge] = two_way_errors(metrics, judge, values, resamples, seed, n_random_directions)
 
     with torch.no_grad():
         images = {
@@ -171,7 +177,65 @@ def evaluate_model(
             "traversals": ev.traversals(vae, selection.starts[:1], traversal_values),
         }
     metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
+    if replicates:  # not a metric: for paired differences between models (``paired_differences``)
+        metrics["replicates"] = replicates
     return metrics, images, norms.cpu()
+
+
+def two_way_errors(
+    metrics: dict[str, Any], judge: str, values: dict[str, Tensor], resamples: int, seed: int, n_random: int
+) -> dict[str, Tensor]:
+    """Adds to ``metrics`` the standard errors of one judge's GSVs that cover the draw of the random directions as
+    well as that of the starting points (``gsv_*_se_two_way``), and the points-only one of ``gsv_relative``; returns
+    the two-way bootstrap replicates of each, (B,) per form. Every model is resampled on the same points (weights
+    from ``seed``) and directions (``seed`` + 2; the reference's cells, all drawn, ``seed`` + 3), so the replicates
+    of two models' difference are the differences of their replicates."""
+    n_directions = values["norm"].shape[-1]
+    weights = ev.direction_resampling_weights(n_directions - n_random, n_random, resamples, seed + 2)
+    cell_weights = ev.direction_resampling_weights(0, n_directions, resamples, seed + 3)
+    uniform = torch.full((resamples, n_directions), 1.0 / n_directions, dtype=torch.float64)
+    out = {}
+    for form in ("raw", "norm", "change", "shuffled_norm"):
+        drawn = cell_weights if form == "shuffled_norm" else weights
+        out[form] = ev.two_way_replicates(values[form], values[f"resampled_{form}"], drawn)
+        metrics[f"gsv_{form.removesuffix('_norm')}_{judge}_se_two_way"] = ev.replicate_se(out[form])
+    out["relative"] = out["norm"] / out["shuffled_norm"]
+    metrics[f"gsv_relative_{judge}_se_two_way"] = ev.replicate_se(out["relative"])
+    points_only = [
+        ev.two_way_replicates(values[f], values[f"resampled_{f}"], uniform) for f in ("norm", "shuffled_norm")
+    ]
+    metrics[f"gsv_relative_{judge}_se"] = ev.replicate_se(points_only[0] / points_only[1])
+    return {form: replicates.float().cpu() for form, replicates in out.items()}
+
+
+def paired_differences(
+    rows: dict[str, dict[str, Any]], replicates: dict[str, dict[str, dict[str, Tensor]]], baseline: str
+) -> list[dict[str, Any]]:
+    """Every model minus ``baseline`` on the same starting points and directions: per judge and GSV form
+    (``gsv_{form}_{judge}``), the difference of the two rows and its two-way bootstrap standard error, the
+    standard deviation of the differences of the models' replicates (``two_way_errors``). Models without
+    replicates (rows kept from an older evaluation) are left out. One dict per (model, metric)."""
+    out = []
+    base = replicates.get(baseline, {})
+    for name, judged in replicates.items():
+        if name == baseline:
+            continue
+        for judge, forms in judged.items():
+            for form, values in forms.items():
+                if judge not in base or form not in base[judge]:
+                    continue
+                key = f"gsv_{form.removesuffix('_norm')}_{judge}"
+                difference = rows[name][key] - rows[baseline][key]
+                se = ev.replicate_se(values.double() - base[judge][form].double())
+                out.append({"model": name, "baseline": baseline, "metric": key, "difference": difference, "se": se})
+    return out
+
+
+def judge_checkpoint(cfg: Config, judge: str) -> str:
+    """The model file of a classifier judge: ``classifier.checkpoint`` for train, ``evaluation.<judge>_checkpoint``
+    for the others (``CLASSIFIER_JUDGES``)."""
+    group, key = CLASSIFIER_JUDGES[judge].split(".")
+    return getattr(getattr(cfg, group), key)
 
 
 @dataclass
@@ -196,10 +260,12 @@ class EvaluationBench:
         e, d, c = cfg.evaluation, cfg.data, cfg.classifier
         judges = Judges(morpho=JudgeName.morpho in e.judges)
         if JudgeName.train in e.judges:
-            expect = {"widths": list(c.widths), "blocks": c.blocks}
+            expect = c.expected_architecture()
             judges.classifiers["train"], _ = checkpoints.load_classifier(c.checkpoint, device, expect)
-        if JudgeName.heldout in e.judges:
-            judges.classifiers["heldout"], _ = checkpoints.load_classifier(e.heldout_checkpoint, device)
+        for judge in (JudgeName.heldout, JudgeName.mlp, JudgeName.cnn):  # each of its own stored architecture
+            if judge in e.judges:
+                path = judge_checkpoint(cfg, judge.value)
+                judges.classifiers[judge.value], _ = checkpoints.load_classifier(path, device)
         for net in judges.classifiers.values():
             net.to(memory_format=torch.channels_last)
         test = load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror)

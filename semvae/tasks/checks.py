@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from semvae import checkpoints, rundir
-from semvae.config import Config, ConfigError, JudgeName, TaskName, as_plain
+from semvae.config import CLASSIFIER_JUDGES, Config, ConfigError, JudgeName, TaskName, as_plain
 
 # settings a resumed run must share with the checkpoint it continues (trainer.epochs may grow)
 RESUME_KEYS = (
@@ -39,10 +39,14 @@ RESUME_KEYS = (
 
 
 def effective_config(cfg: Config) -> Config:
-    """The config a task really runs with: task=train_classifier trains with classifier.seed when it is set."""
-    if cfg.task.name == TaskName.train_classifier and cfg.classifier.seed is not None:
-        return dataclasses.replace(cfg, seed=cfg.classifier.seed)
-    return cfg
+    """The config a task really runs with: task=train_classifier trains with classifier.seed and for
+    classifier.epochs when they are set."""
+    if cfg.task.name != TaskName.train_classifier:
+        return cfg
+    c = cfg.classifier
+    if c.epochs is not None:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, epochs=c.epochs))
+    return dataclasses.replace(cfg, seed=c.seed) if c.seed is not None else cfg
 
 
 def resume_checkpoint(cfg: Config, run_dir: str | Path | None) -> Path | None:
@@ -280,10 +284,10 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
     if cfg.task.name == TaskName.evaluate or (cfg.task.name == TaskName.train_vae and cfg.task.evaluate):
         e = cfg.evaluation
         needed = {"evaluation.checkpoints": e.checkpoints} if cfg.task.name == TaskName.evaluate else {}
-        if "train" in [j.value for j in e.judges]:
-            needed["classifier.checkpoint"] = [cfg.classifier.checkpoint]
-        if "heldout" in [j.value for j in e.judges]:
-            needed["evaluation.heldout_checkpoint"] = [e.heldout_checkpoint]
+        for judge in e.judges:  # the classifier judges' files (train: classifier.checkpoint, checked below)
+            if judge.value in CLASSIFIER_JUDGES:
+                key = CLASSIFIER_JUDGES[judge.value]
+                needed[key] = [_lookup(as_plain(cfg), key)]
         for key, paths in needed.items():
             missing = [p for p in paths if not Path(p).is_file()]
             if missing and key == "evaluation.checkpoints":
@@ -295,14 +299,15 @@ def check_inputs(cfg: Config, run_dir: str | Path | None = None) -> None:
                 )
         for path in needed.get("evaluation.checkpoints", []):  # safe to load, and a VAE
             checkpoints.load_vae(path)
-        if "evaluation.heldout_checkpoint" in needed:
-            checkpoints.load_classifier(e.heldout_checkpoint)
+        for key, paths in needed.items():  # safe to load, and a classifier of its stored architecture
+            if key.startswith("evaluation.") and key != "evaluation.checkpoints":
+                checkpoints.load_classifier(paths[0])
     judged = cfg.task.name == TaskName.evaluate or (cfg.task.name == TaskName.train_vae and cfg.task.evaluate)
     if (judged and JudgeName.train in cfg.evaluation.judges) or (
         cfg.task.name == TaskName.train_vae and cfg.loss.semantic_weight > 0
     ):
         c = cfg.classifier  # safe to load, and the configured architecture
-        checkpoints.load_classifier(c.checkpoint, expect={"widths": list(c.widths), "blocks": c.blocks})
+        checkpoints.load_classifier(c.checkpoint, expect=c.expected_architecture())
     export = cfg.task.export
     if export is not None:
         check_writable("task.export", export)  # first: a name too long for the file system cannot even be stat'ed

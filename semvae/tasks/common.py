@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from semvae import checkpoints, runtime
 from semvae.config import Config, as_plain
 from semvae.data import Split, load_split, train_val_split
-from semvae.models import Classifier
 from semvae.stopping import StopFlag, StopRequested
 from semvae.tasks.checks import exported_by, resume_checkpoint
 from semvae.tracking import Tracker
@@ -41,10 +41,10 @@ def test_data(cfg: Config, device: torch.device) -> Split:
     return load_split(d.name.value, d.root, train=False, download=d.download, mirror=d.mirror).to(device)
 
 
-def load_classifier(cfg: Config, device: torch.device) -> Classifier:
+def load_classifier(cfg: Config, device: torch.device) -> nn.Module:
     """The frozen feature extractor phi from ``classifier.checkpoint``, checked against ``classifier.*``."""
     c = cfg.classifier
-    model, _ = checkpoints.load_classifier(c.checkpoint, device, {"widths": list(c.widths), "blocks": c.blocks})
+    model, _ = checkpoints.load_classifier(c.checkpoint, device, c.expected_architecture())
     return model
 
 

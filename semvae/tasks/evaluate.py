@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -15,10 +16,10 @@ import torch
 from torch import Tensor
 
 from semvae import checkpoints
-from semvae.checkpoints import write_json_atomic
-from semvae.config import Config, ConfigError, as_plain
+from semvae.checkpoints import write_atomic, write_json_atomic
+from semvae.config import CLASSIFIER_JUDGES, Config, ConfigError, as_plain
 from semvae.evaluation import report
-from semvae.evaluation.suite import METRICS_VERSION, EvaluationBench
+from semvae.evaluation.suite import METRICS_VERSION, EvaluationBench, judge_checkpoint, paired_differences
 from semvae.manifest import sha256
 from semvae.models import ResNetVAE
 from semvae.stopping import StopRequested
@@ -34,6 +35,7 @@ def evaluate_trained(cfg: Config, vae: ResNetVAE, device: torch.device, run_dir:
     log.info("evaluating the trained model on the test split")
     vae.eval()
     metrics, images, norms = EvaluationBench.prepare(cfg, device).evaluate(vae)
+    metrics.pop("replicates", None)  # for differences between models of one evaluation; a training has one
     np.save(run_dir / "latent_norms.npy", norms.numpy().astype(np.float32))
     save_grids(cfg, images, cfg.name, run_dir / "interpolations.png", run_dir / "traversals.png")
     tracker.log_files(
@@ -52,14 +54,36 @@ def save_grids(cfg: Config, images: dict[str, Tensor], name: str, interpolations
     report.traversal_grid(images["traversals"], values, f"{name}: latent traversals", traversals)
 
 
+def save_replicates(replicates: dict[str, dict[str, Tensor]], path: Path) -> None:
+    """A model's two-way bootstrap replicates (judge -> form -> (B,)) as ``judge/form`` arrays of one .npz, written
+    atomically."""
+    arrays = {f"{judge}/{form}": v.numpy() for judge, forms in replicates.items() for form, v in forms.items()}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(buffer.getvalue(), path)
+
+
+def load_replicates(path: Path) -> dict[str, dict[str, Tensor]]:
+    """What ``save_replicates`` wrote; empty when there is no such file (a row of an evaluation without them)."""
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, Tensor]] = {}
+    with np.load(path) as arrays:
+        for key in arrays.files:
+            judge, form = key.split("/")
+            out.setdefault(judge, {})[form] = torch.from_numpy(arrays[key])
+    return out
+
+
 def evaluation_settings(cfg: Config) -> dict[str, Any]:
     """What an evaluated model's numbers depend on besides the model: evaluation.* (but the list of models and where
     the files lie), the judges' files (by content, not by path: see ``kept_rows``), the data and the version of what
     is measured (``METRICS_VERSION``). A model row written with other settings is evaluated again."""
     e = as_plain(cfg.evaluation)
-    judges = {"train": cfg.classifier.checkpoint, "heldout": cfg.evaluation.heldout_checkpoint}
-    files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items() if name in e["judges"]}
-    settings = {k: v for k, v in e.items() if k not in ("checkpoints", "heldout_checkpoint")}
+    judges = {name: judge_checkpoint(cfg, name) for name in CLASSIFIER_JUDGES if name in e["judges"]}
+    files = {f"judge_sha256.{name}": sha256(path) for name, path in judges.items()}
+    paths = [key.split(".")[1] for key in CLASSIFIER_JUDGES.values() if key.startswith("evaluation.")]
+    settings = {k: v for k, v in e.items() if k not in ("checkpoints", *paths)}
     return settings | files | {"data.name": cfg.data.name.value, "metrics_version": METRICS_VERSION}
 
 
@@ -130,6 +154,8 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
     settings = evaluation_settings(cfg)
     files = {name: (str(path), sha256(path)) for name, path in zip(names, e.checkpoints, strict=True)}
     rows, norms = kept_rows(run_dir / "models", files, settings)  # of an earlier, stopped run of this evaluation
+    replicates = {name: load_replicates(run_dir / "models" / f"{name}_replicates.npz") for name in rows}
+    replicates = {name: value for name, value in replicates.items() if value}
     kept = len(rows)
     if rows:
         log.info("kept the rows already written in %s: %s", run_dir / "models", ", ".join(rows))
@@ -144,6 +170,9 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
                 continue
             log.info("evaluating %s (%s), model %d of %d", name, state.get("variant", "?"), len(rows) + 1, len(names))
             metrics, images, norms[name] = bench.evaluate(vae)
+            if "replicates" in metrics:  # saved before the row, which marks the model as done
+                replicates[name] = metrics.pop("replicates")
+                save_replicates(replicates[name], run_dir / "models" / f"{name}_replicates.npz")
             row = {
                 "model": name,
                 "variant": state.get("variant"),
@@ -166,6 +195,10 @@ def evaluate_models(cfg: Config, run_dir: str | Path, group: str | None = None) 
         frame = pd.DataFrame(rows_in_order)
         frame.to_csv(run_dir / "comparison.csv", index=False)
         (run_dir / "comparison.md").write_text(report.markdown_table(rows_in_order))
+        differences = paired_differences(rows, replicates, baseline=names[0])
+        if differences:  # every model minus the first listed, on the same points and directions
+            pd.DataFrame(differences).to_csv(run_dir / "differences.csv", index=False)
+            (run_dir / "differences.md").write_text(report.differences_table(differences))
         latent_dims = {r["model"]: r["latent_dim"] for r in rows_in_order}
         report.latent_norm_figure(norms, latent_dims, run_dir / "latent_norms.png")
         report.gsv_figure(rows_in_order, run_dir / "gsv.png")

@@ -68,12 +68,18 @@ def plan(cfg: Config, variant_names: dict[str, str]) -> list[Stage]:
     seed by seed, so that the seed-0 models of every variant are ready first."""
     r = cfg.reproduce
     stages = []
-    outputs = {"classifier": cfg.classifier.checkpoint, "judge": cfg.evaluation.heldout_checkpoint}
+    e = cfg.evaluation
+    outputs = {
+        "classifier": cfg.classifier.checkpoint,
+        "judge": e.heldout_checkpoint,
+        "mlp": e.mlp_checkpoint,
+        "cnn": e.cnn_checkpoint,
+    }
     for classifier in REPRODUCE_CLASSIFIERS:
         if classifier in r.classifiers:
             overrides = ["task=train_classifier", f"classifier={classifier}"]
             if r.classifier_epochs is not None:
-                overrides.append(f"trainer.epochs={r.classifier_epochs}")
+                overrides.append(f"classifier.epochs={r.classifier_epochs}")
             stages.append(Stage(f"classifier_{classifier}", overrides, Path(outputs[classifier]), vae=False))
     for seed in r.seeds:
         for variant in r.variants:

@@ -1,5 +1,6 @@
-"""task=train_classifier: train the feature classifier phi (``classifier=classifier``) or the held-out judge
-(``classifier=judge``), report its test accuracy and export it."""
+"""task=train_classifier: train the feature classifier phi (``classifier=classifier``), the held-out ResNet judge
+(``classifier=judge``) or a judge of another architecture family (``classifier=mlp``, ``classifier=cnn``), report its
+test accuracy and export it."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from semvae import checkpoints
 from semvae.config import Config, as_plain
 from semvae.data import random_shift
-from semvae.models import Classifier
+from semvae.models import build_classifier
 from semvae.tasks.checks import effective_config
 from semvae.tasks.common import finish_training, setup, test_data, tracked_training, training_data
 from semvae.tracking import Tracker
@@ -27,19 +28,20 @@ def train_classifier(cfg: Config, run_dir: str | Path, group: str | None = None)
     c = cfg.classifier
     device = setup(cfg)
     train, val = training_data(cfg, device)
-    model = Classifier(c.widths, c.blocks).to(device)
+    model = build_classifier(c.arch.value, c.widths, c.blocks).to(device)
     if cfg.runtime.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    def step_fn(net: Classifier, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def step_fn(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         x = random_shift(x, c.augment_shift) if c.augment_shift else x
         return {"loss": F.cross_entropy(net(x), y)}
 
-    def eval_fn(net: Classifier, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def eval_fn(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = net(x)
         return {"loss": F.cross_entropy(logits, y), "accuracy": (logits.argmax(1) == y).float().mean()}
 
-    architecture = {"widths": list(c.widths), "blocks": c.blocks, "feature_dim": model.feature_dim}
+    architecture = {"arch": c.arch.value, "widths": list(c.widths), "blocks": c.blocks}
+    architecture["feature_dim"] = model.feature_dim
     extra = {"variant": "classifier", "classifier": c.name, "n_train": len(train), "n_val": len(val)}
     made_by = checkpoints.provenance(cfg.paths.root_dir)  # the tree the run started from, as for the VAE
 

@@ -217,6 +217,10 @@ def reported(call):
         refuse(composition_error(error))
     except InputError as error:  # raised by a launcher (SLURM refusing a submission, say)
         refuse(error)
+    except StopRequested as stopped:  # a launcher stopped by a signal once its jobs saved what they had
+        log.warning("%s", stopped)
+        print(f"stopped: {stopped}", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum) from None
 
 
 def cli() -> None:

@@ -1,6 +1,7 @@
 """Sweep throughput: stacked training against one process per job and one job at a time, side by side on one device.
 
-    python -m benchmarks.sweep [--members 1 4 12 36] [--steps 6] [--batch-size 128] [--device cpu] [--out DIR]
+    python -m benchmarks.sweep [--members 1 6 30] [--steps 6] [--batch-size 128] [--device cpu] [--compile]
+                               [--out DIR]
 
 Members are VAE trainings of the study's grid (beta in {1, 2, 5} x lambda in {0, 1, 10, 100, 1000}, the seeds after
 that), taken in an order that mixes lambda = 0 and semantic members as the sweep does. Each is a ``Trainer`` with
@@ -11,11 +12,15 @@ members, timed from start to end, the same members each time:
 - ``processes``: a process of its own per member, ``--processes`` at a time with the cores shared between them, as
   ``hydra/launcher=local`` runs a sweep (the members' training time packed onto the process slots; the process
   start is not counted);
-- ``stacked``: all N in one stack (``semvae/training/stacking.py``), as ``hydra/launcher=stacked`` runs them.
+- ``stacked``: all N in one stack (``semvae/training/stacking.py``), as ``hydra/launcher=stacked`` runs them;
+- ``stacked + compile`` (with ``--compile``): the same with the stack's step under ``torch.compile``
+  (``hydra.launcher.compile=true``). Its compilation is left out: its time is that of a run of 2 x ``--steps``
+  steps less that of a run of ``--steps`` steps (the compiled step is reused within a run only).
 
 Reported: member-images per second (N x steps x batch size / seconds), the ratio to one-at-a-time in the same run,
-and the share of the device's fp32 matmul peak (FLOPs of a member's step from torch's flop counter). Results go to
-``sweep.json`` and ``sweep.md`` in ``--out``, named with the device.
+and the shares of the device's fp32 and bf16 matmul peaks (FLOPs of a member's step from torch's flop counter;
+the runs are fp32), with the device's name and whether it computes bf16 natively. Results go to ``sweep.json``
+and ``sweep.md`` in ``--out``, named with the device.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from semvae.config import TrainerConfig
 from semvae.data import Split
 from semvae.losses import TrainingStep, VAELoss
 from semvae.models import Classifier, ResNetVAE, freeze
-from semvae.runtime import resolve_device
-from semvae.training import Trainer
+from semvae.runtime import native_bf16, resolve_device
+from semvae.training import Trainer, stacking
 from semvae.training.stacking import run_stacked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +65,7 @@ def synthetic_data(steps: int, batch_size: int, device: torch.device) -> tuple[S
 
 
 def make_trainer(i: int, n: int, train: Split, phi: Classifier, steps: int, batch_size: int) -> Callable[[], object]:
-    """Member ``i`` of ``n``, ready to fit (its Trainer's ``fit``)."""
+    """Member ``i`` of ``n``, ready to fit (alone, or in a stack when called by one of its members)."""
     device = train.images.device
     settings = TrainerConfig(
         epochs=1, batch_size=batch_size, log_every=steps, limit_train_batches=steps, limit_eval_batches=1
@@ -70,12 +75,13 @@ def make_trainer(i: int, n: int, train: Split, phi: Classifier, steps: int, batc
     torch.manual_seed(seed)
     vae = ResNetVAE(16, (16, 32, 64), 1).to(device)
     loss = VAELoss(beta, weight, phi.features if weight > 0 else None, 16)
-    step = TrainingStep(loss, torch.Generator().manual_seed(seed + 1))
+    step = TrainingStep(loss, torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 3))
 
     def evaluate(model, x, _y):
         return loss(model, x, torch.Generator().manual_seed(0), noise=torch.zeros(x.shape[0], 16, device=device))
 
-    return Trainer(vae, train, val, step, evaluate, settings, seed=seed).fit
+    trainer = Trainer(vae, train, val, step, evaluate, settings, seed=seed)
+    return lambda: stacking.fit(trainer, None)
 
 
 def make_trainers(n: int, train: Split, phi: Classifier, steps: int, batch_size: int) -> list[Callable[[], object]]:
@@ -89,9 +95,9 @@ def one_at_a_time(fits) -> float:
     return time.perf_counter() - started
 
 
-def stacked(fits) -> float:
+def stacked(fits, compile: bool = False) -> float:
     started = time.perf_counter()
-    outcomes = run_stacked(fits)
+    outcomes = run_stacked(fits, compile=compile)
     seconds = time.perf_counter() - started
     errors = [error for _, error in outcomes if error is not None]
     if errors:
@@ -135,24 +141,34 @@ def in_processes(n: int, steps: int, batch_size: int, processes: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--members", type=int, nargs="+", default=[1, 4, 12, 36])
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 6, 30])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="processes at a time")
-    parser.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
+    parser.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring each matmul peak")
+    parser.add_argument("--compile", action="store_true", help="also the stacked step under torch.compile")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     train, phi = synthetic_data(args.steps, args.batch_size, device)
     peak = matmul_peak(torch.float32, device, seconds=args.peak_seconds)
+    bf16 = native_bf16(device)
+    peak_bf16 = matmul_peak(torch.bfloat16, device, seconds=args.peak_seconds)
     flops = {w > 0: step_flops("semantic" if w > 0 else "vae", device, args.batch_size) for w in (0.0, 10.0)}
     ways = {
         "one at a time": lambda n: one_at_a_time(make_trainers(n, train, phi, args.steps, args.batch_size)),
         "processes": lambda n: in_processes(n, args.steps, args.batch_size, args.processes),
         "stacked": lambda n: stacked(make_trainers(n, train, phi, args.steps, args.batch_size)),
     }
+    if args.compile:
+
+        def compiled(n: int) -> float:
+            short = stacked(make_trainers(n, train, phi, args.steps, args.batch_size), compile=True)
+            return stacked(make_trainers(n, train, phi, 2 * args.steps, args.batch_size), compile=True) - short
+
+        ways["stacked + compile"] = compiled
     if device.type == "cuda":
         ways.pop("processes")  # one GPU: processes would share it by time slices; the launcher does not do that
     stacked(make_trainers(2, train, phi, 2, args.batch_size))  # warm-up (allocator, kernels, vmap)
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             rate = images / seconds
             base = base or rate
             share = rate * member_flops / (peak * 1e9)
+            share_bf16 = rate * member_flops / (peak_bf16 * 1e9)
             rows.append(
                 {
                     "members": n,
@@ -174,10 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "member_images_per_s": rate,
                     "vs_one_at_a_time": rate / base,
                     "peak_share": share,
+                    "bf16_peak_share": share_bf16,
                 }
             )
             print(
-                f"{n:3d} members  {way:14s} {rate:8.1f} member-img/s  x{rate / base:.2f}  {share:.1%} of peak",
+                f"{n:3d} members  {way:18s} {rate:8.1f} member-img/s  x{rate / base:.2f}  {share:.1%} of fp32 peak",
                 flush=True,
             )
     result = {
@@ -188,21 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "fp32_matmul_peak_gflops": peak,
+        "bf16_matmul_peak_gflops": peak_bf16,
+        "native_bf16": bf16,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     tag = device.type
     (args.out / f"sweep_{tag}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"Sweep throughput on {result['device']} ({result['threads']} threads, fp32 matmul peak {peak:.0f} GFLOP/s; "
-        f"batch {args.batch_size}, {args.steps} steps per member; `python -m benchmarks.sweep`)",
+        f"Sweep throughput on {result['device']} ({result['threads']} threads; matmul peaks fp32 {peak:.0f}, "
+        f"bf16 {peak_bf16:.0f} GFLOP/s, bf16 {'native' if bf16 else 'emulated'}; batch {args.batch_size}, "
+        f"{args.steps} steps per member, fp32; `python -m benchmarks.sweep`)",
         "",
-        "| members | way | member-images/s | vs one at a time | share of fp32 peak |",
-        "| --- | --- | --- | --- | --- |",
+        "| members | way | member-images/s | vs one at a time | share of fp32 peak | share of bf16 peak |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
         f"| {r['members']} | {r['way']} | {r['member_images_per_s']:.0f} | {r['vs_one_at_a_time']:.2f}x "
-        f"| {r['peak_share']:.1%} |"
+        f"| {r['peak_share']:.1%} | {r['bf16_peak_share']:.1%} |"
         for r in rows
     ]
     (args.out / f"sweep_{tag}.md").write_text("\n".join(lines) + "\n")

@@ -77,8 +77,25 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     such, and a signal during serialisation cannot leave torch's writer half done.
     """
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(_own_storage(obj), buffer)
     return write_atomic(buffer.getbuffer(), path)
+
+
+def _own_storage(tree: Any) -> Any:
+    """``tree`` with every tensor that views part of a larger storage copied out: torch.save writes a tensor's whole
+    storage, and a member of a stack of runs holds its weights as one row of the stack's
+    (``semvae/training/stacking.py``); its files must hold its own weights only, as a lone run's do."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone() if tree.untyped_storage().nbytes() > tree.numel() * tree.element_size() else tree
+    if isinstance(tree, dict):
+        copied = {k: _own_storage(v) for k, v in tree.items()}
+        if all(copied[k] is v for k, v in tree.items()):
+            return tree  # unchanged, with its type and attributes (a state dict's _metadata)
+        return copied
+    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+        copied = [_own_storage(v) for v in tree]
+        return tree if all(a is b for a, b in zip(copied, tree, strict=True)) else type(tree)(copied)
+    return tree
 
 
 def export(obj: dict[str, Any], path: str | Path, overwrite: bool) -> Path:

@@ -215,10 +215,20 @@ class VAELoss:
 
 @dataclass
 class TrainingStep:
-    """A Trainer's ``step_fn`` for a VAE: ``loss`` with the directions drawn from the run's ``generator``."""
+    """A Trainer's ``step_fn`` for a VAE: ``loss`` with the step's directions drawn from ``generator`` and the
+    reparameterisation noise from ``noise``, two CPU generators of the run's own (a seed gives the same draws on
+    every device, and a stack of runs draws each member's exactly as it would alone)."""
 
     loss: VAELoss
     generator: torch.Generator
+    noise: torch.Generator
+
+    def draws(self, batch: int, device: torch.device | str) -> tuple[Tensor | None, Tensor]:
+        """The step's directions (K, L) (None without the semantic term) and noise (``batch``, L), on ``device``."""
+        directions = self.loss.directions(self.generator, device)
+        noise = torch.randn(batch, self.loss.latent_dim, generator=self.noise).to(device, non_blocking=True)
+        return directions, noise
 
     def __call__(self, model, x: Tensor, _y: Tensor) -> dict[str, Tensor]:
-        return self.loss(model, x, self.generator)
+        directions, noise = self.draws(x.shape[0], x.device)
+        return self.loss.terms(model, x, directions, noise)

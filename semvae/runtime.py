@@ -93,6 +93,8 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator])
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     for key, g in generators.items():
-        g.set_state(state["generators"][key])
+        # a generator the checkpoint predates (the reparameterisation noise, once drawn from torch's global
+        # generator) continues the global stream it replaced
+        g.set_state(state["generators"].get(key, state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

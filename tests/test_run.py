@@ -2,6 +2,7 @@
 process with W&B offline (read back with ``wandb leet inspect``), overrides, seeds; and a multirun of run.py."""
 
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -13,6 +14,7 @@ from semvae.data import load_split
 from semvae.tasks.train_vae import train_vae
 from tests.conftest import (
     DATA_DIR,
+    ROOT,
     compose_config,
     preflight,
     read_metrics,
@@ -146,12 +148,23 @@ def test_same_seed_same_run(tmp_path):
 @pytest.mark.slow
 def test_two_by_two_multirun_as_one_stack(tmp_path, weights_dir):
     """The four variants of a 2 x 2 grid train as one stack (hydra/launcher=stacked), each an ordinary run with its own
-    folder, Hydra config, log and W&B run."""
+    folder, Hydra config, log and W&B run. The launcher's process never initialises CUDA (its forked processes could
+    not use it): here every call that would raises (sitecustomize), and NVML answers for the device count."""
     sweep = tmp_path / "sweep"
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import torch\n"
+        "def initialises(*_):\n"
+        "    raise RuntimeError('CUDA initialised')\n"
+        "torch.cuda._lazy_init = torch._C._cuda_getDeviceCount = initialises\n"
+        "torch.cuda._device_count_nvml = lambda: 0\n"
+    )
     proc = run_py(
         "-m",
         "hydra/launcher=stacked",
         "hydra.launcher.on_cpu=true",
+        "runtime.device=auto",
         "loss.beta=1,5",
         "loss.semantic_weight=0,1",
         "loss.semantic.n_directions=1",  # a small model, and the semantic jobs' loss from 1 direction at 4 points
@@ -161,6 +174,7 @@ def test_two_by_two_multirun_as_one_stack(tmp_path, weights_dir):
         "trainer.epochs=1",
         f"paths.weights_dir={weights_dir}",
         f"hydra.sweep.dir={sweep}",
+        env={"PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)])},
     )
     assert "1 stack: 4 members (jobs 0 1 2 3) on cpu; 0 jobs alone" in proc.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

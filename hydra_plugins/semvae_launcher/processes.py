@@ -6,6 +6,7 @@ dies (``kill -9``, the out-of-memory killer) fails alone: its folder gets an ``e
 other jobs go on, and the sweep lists it at the end like any failed job (``semvae.sweep.SweepReport``). A pool of
 reused workers (joblib's loky) would abort the whole sweep instead. SIGTERM or Ctrl-C to the sweep is passed on to
 the running jobs, which save their checkpoints; no new job starts, and the sweep exits with 128 + the signal.
+The stacked launcher runs each stack the same way, in a process of its own; this process never initialises CUDA.
 """
 
 import importlib
@@ -28,6 +29,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+Job = tuple[int, Sequence[str], DictConfig | None]  # number, overrides, composed config (None: not yet)
 
 
 @dataclass
@@ -68,45 +71,57 @@ class ProcessesLauncher(Launcher):
 
     def run_jobs(self, jobs: list[tuple[int, Sequence[str]]]) -> dict[int, JobReturn]:
         """Run the numbered jobs ``(number, overrides)``, ``n_jobs`` at a time; their results by number."""
-        if not jobs:
+        return self.run_units([[(idx, overrides, None)] for idx, overrides in jobs], self.n_jobs)
+
+    def run_units(self, units: list[list[Job]], slots: int, stacked: bool = False) -> dict[int, JobReturn]:
+        """Run ``units`` (one job each, or with ``stacked`` the members of a stack each) in processes of their own,
+        ``slots`` at a time; the results of their jobs by number. A unit's config is composed when it starts
+        (when None)."""
+        if not units:
             return {}
-        threads = max(1, (os.cpu_count() or 1) // min(self.n_jobs, len(jobs)))
+        threads = max(1, (os.cpu_count() or 1) // min(slots, len(units)))
         # every job's optimiser imports torch._dynamo (seconds); imported here once, each forked job inherits it
         importlib.import_module("torch._dynamo")
-        # fork: the job processes inherit the task function and the composed configs as they are in memory
+        # fork: the job processes inherit the task function and the composed configs as they are in memory. This
+        # process never initialises CUDA (the devices are decided through NVML, ``stacked.device_of``), so the
+        # forked jobs can.
         context = multiprocessing.get_context("fork")
-        pending = list(jobs)
-        running: dict[Any, tuple[int, Sequence[str], DictConfig, Any]] = {}
+        pending = list(units)
+        running: dict[Any, tuple[list[Job], Any]] = {}
         results: dict[int, JobReturn] = {}
-        stop = _ForwardStops(lambda: [process for *_, process in running.values()])
+        stop = _ForwardStops(lambda: [process for _, process in running.values()])
         with stop:
             while pending or running:
-                while pending and len(running) < self.n_jobs and stop.signum is None:
-                    idx, overrides = pending.pop(0)
-                    log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-                    config = self.job_config(overrides, idx)
+                while pending and len(running) < slots and stop.signum is None:
+                    unit = [(i, o, c if c is not None else self.job_config(o, i)) for i, o, c in pending.pop(0)]
+                    for idx, overrides, _ in unit:
+                        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}" + " (stacked)" * stacked)
                     reader, writer = context.Pipe(duplex=False)
-                    process = context.Process(target=_run, args=(writer, self, config, threads), daemon=False)
+                    process = context.Process(target=_run, args=(writer, self, unit, stacked, threads), daemon=False)
                     process.start()
                     writer.close()
-                    running[reader] = (idx, overrides, config, process)
+                    running[reader] = (unit, process)
                 if not running:
                     break
                 for reader in wait(list(running)):
-                    idx, overrides, config, process = running.pop(reader)
+                    unit, process = running.pop(reader)
                     try:
-                        results[idx] = reader.recv()
+                        results.update(reader.recv())
                     except EOFError:  # the process died before it could answer
                         process.join()
-                        results[idx] = self._died(overrides, config, process.exitcode)
+                        for idx, overrides, config in unit:
+                            results[idx] = self._died(overrides, config, process.exitcode)
                     reader.close()
                     process.join()
         if stop.signum is not None:
+            from semvae.stopping import StopRequested
             from semvae.sweep import rerun
 
-            log.warning(f"stopped by {signal.Signals(stop.signum).name}; to continue: {rerun(self.config)}")
-            raise SystemExit(128 + stop.signum)
+            raise StopRequested(stop.signum, f"every job saved what it had; to continue: {rerun(self.config)}")
         return results
+
+    def run_stack(self, stack: list[Job]) -> dict[int, JobReturn]:  # the stacked launcher's
+        raise NotImplementedError
 
     def job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
         config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -134,21 +149,27 @@ class ProcessesLauncher(Launcher):
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
 
 
-def _run(writer, launcher: ProcessesLauncher, config: DictConfig, threads: int) -> None:
-    """In the job's process: run the job as Hydra's own launchers do, send its result back."""
+def _run(writer, launcher: ProcessesLauncher, unit: list[Job], stacked: bool, threads: int) -> None:
+    """In the unit's process: run its job as Hydra's own launchers do (or its stack), send the results back."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     for sig in (signal.SIGTERM, signal.SIGINT):  # the sweep's handlers are not the job's
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
-    name_log_lines(f"job {config.hydra.job.num}")
-    result = run_job(
-        hydra_context=launcher.hydra_context,
-        task_function=launcher.task_function,
-        config=config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
-    writer.send(result)
+    if stacked:
+        results = launcher.run_stack(unit)
+    else:
+        ((idx, _, config),) = unit
+        name_log_lines(f"job {config.hydra.job.num}")
+        results = {
+            idx: run_job(
+                hydra_context=launcher.hydra_context,
+                task_function=launcher.task_function,
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        }
+    writer.send(results)
     writer.close()
 
 

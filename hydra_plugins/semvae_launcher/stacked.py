@@ -9,20 +9,25 @@ launcher logs how it grouped the jobs.
 
 Stacking pays where one process leaves the device idle (a GPU, bound by kernel launches at this model size). On a
 CPU the members' convolutions run no faster together than one after another, so by default jobs that would run on
-the CPU are not stacked (``on_cpu``; docs/benchmarks.md has the measurement).
+the CPU are not stacked (``on_cpu``; docs/stacking.md has the measurement). ``compile=true`` runs the stacks' step
+under ``torch.compile``.
+
+Every stack, like every job alone, runs in a process of its own, forked from this one; this process decides the
+devices without initialising CUDA (through NVML, ``device_of``), because a process that has initialised CUDA
+cannot fork processes that use it.
 """
 
 import copy
 import json
 import logging
-import signal
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
+from hydra.core.utils import JobReturn, JobStatus, run_job
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.semvae_launcher.processes import ProcessesLauncher
@@ -38,6 +43,8 @@ class StackedLauncherConf:
     max_members: int = 64  # members per stack; larger groups are split
     on_cpu: bool = False  # stack jobs that run on the CPU too
     n_jobs: int = 2  # jobs that are not stacked: this many at a time, each in its own process
+    compile: bool = False  # the stacks' optimiser step under torch.compile
+    skip: list = field(default_factory=list)  # names of jobs not to run (finished elsewhere: benchmarks/gpu_window)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="semvae_stacked", node=StackedLauncherConf, provider="semvae")
@@ -69,24 +76,34 @@ def stack_key(config: DictConfig) -> str | None:
 
 
 def device_of(config: DictConfig) -> str:
+    """The device a job runs on (``runtime.device``, with ``auto`` decided as the job will decide it)."""
     name = str(config.runtime.device)
-    if name == "auto":
-        import torch
+    return ("cuda" if cuda_present() else "cpu") if name == "auto" else name
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+
+def cuda_present() -> bool:
+    """Whether a CUDA device is visible, asked through NVML (``PYTORCH_NVML_BASED_CUDA_CHECK``), which leaves CUDA
+    uninitialised in this process: ``torch.cuda.is_available()`` alone initialises the driver, and the processes
+    forked afterwards could not use CUDA ("Cannot re-initialize CUDA in forked subprocess")."""
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class StackedLauncher(ProcessesLauncher):
-    def __init__(self, max_members: int = 64, on_cpu: bool = False, n_jobs: int = 2) -> None:
+    def __init__(
+        self, max_members: int = 64, on_cpu: bool = False, n_jobs: int = 2, compile: bool = False, skip=()
+    ) -> None:
         super().__init__(n_jobs=n_jobs)
         if max_members < 1:
             raise ValueError(f"hydra.launcher.max_members={max_members}: must be >= 1")
-        self.max_members, self.on_cpu = max_members, on_cpu
+        self.max_members, self.on_cpu, self.compile = max_members, on_cpu, compile
+        self.skip = {str(name) for name in skip}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         sweep_dir = self.prepare()
-        stacks, alone = self.group(list(enumerate(job_overrides, start=initial_job_idx)))
+        stacks, alone, skipped = self.group(list(enumerate(job_overrides, start=initial_job_idx)))
         listed = ", ".join(f"{len(s)} members (jobs {' '.join(str(i) for i, *_ in s)}) on {d}" for d, s in stacks)
         listed = f"{len(stacks)} stack{'s' * (len(stacks) != 1)}" + (f": {listed}" if listed else "")
         if alone:
@@ -95,21 +112,28 @@ class StackedLauncher(ProcessesLauncher):
                 listed += " (jobs on the CPU run alone unless hydra.launcher.on_cpu=true; docs/benchmarks.md)"
         else:
             listed += "; 0 jobs alone"
+        if skipped:
+            listed += f"; {len(skipped)} jobs skipped (hydra.launcher.skip)"
         log.info(f"Launching {len(job_overrides)} jobs in {sweep_dir}: {listed}")
         # jobs whose config does not validate first: they fail at once, before the stacks train
         invalid = [(idx, overrides) for idx, overrides, config in alone if typed_config(config) is None]
         results: dict[int, JobReturn] = self.run_jobs(invalid)
-        for _, stack in stacks:
-            results.update(self.run_stack(stack))
+        for idx, overrides, _ in skipped:
+            results[idx] = JobReturn(list(overrides), status=JobStatus.COMPLETED, _return_value={"status": "skipped"})
+        results.update(self.run_units([stack for _, stack in stacks], slots=1, stacked=True))  # one after another
         results.update(self.run_jobs([(idx, overrides) for idx, overrides, _ in alone if idx not in results]))
         return [results[i] for i in sorted(results)]
 
     def group(self, jobs: list[tuple[int, Sequence[str]]]):
-        """Stacks (device, [(number, overrides, config)]) of at least two members, and the jobs left alone."""
+        """Stacks (device, [(number, overrides, config)]) of at least two members, the jobs left alone and the jobs
+        skipped."""
         by_key: dict[str, list[tuple[int, Sequence[str], DictConfig]]] = {}
-        alone = []
+        alone, skipped = [], []
         for idx, overrides in jobs:
             config = self.job_config(overrides, idx)
+            if str(config.name) in self.skip:
+                skipped.append((idx, overrides, config))
+                continue
             key = stack_key(config)
             if key is None or (device_of(config) == "cpu" and not self.on_cpu):
                 alone.append((idx, overrides, config))
@@ -124,15 +148,13 @@ class StackedLauncher(ProcessesLauncher):
                 else:
                     stacks.append((device_of(chunk[0][2]), chunk))
         alone.sort(key=lambda job: job[0])
-        return stacks, alone
+        return stacks, alone, skipped
 
     def run_stack(self, stack: list[tuple[int, Sequence[str], DictConfig]]) -> dict[int, JobReturn]:
-        """The members of one stack in this process; a stop signal saves every member and exits as a job would."""
+        """(in the stack's process) The members of one stack; a stop signal saves every member."""
         from semvae.stopping import StopFlag
         from semvae.training.stacking import run_stacked
 
-        for idx, overrides, _ in stack:
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} (stacked)")
         jobs = [
             partial(
                 run_job,
@@ -145,7 +167,7 @@ class StackedLauncher(ProcessesLauncher):
             for _, _, config in stack
         ]
         with StopFlag() as stop:  # installed here, in the main thread; the members' runs share it
-            outcomes = run_stacked(jobs)
+            outcomes = run_stacked(jobs, compile=self.compile)
         results = {}
         for (idx, overrides, config), (result, error) in zip(stack, outcomes, strict=True):
             if error is None:
@@ -156,11 +178,6 @@ class StackedLauncher(ProcessesLauncher):
                 )
             else:  # raised outside the task function, so Hydra's run_job could not record it
                 results[idx] = self._failed(overrides, config, error)
-        if stop.signum is not None:
-            from semvae.sweep import rerun
-
-            log.warning(f"stopped by {signal.Signals(stop.signum).name}; to continue: {rerun(self.config)}")
-            raise SystemExit(128 + stop.signum)
         return results
 
     def _failed(self, overrides: Sequence[str], config: DictConfig, error: BaseException) -> JobReturn:

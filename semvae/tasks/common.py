@@ -16,7 +16,7 @@ from semvae.data import Split, load_split, train_val_split
 from semvae.stopping import StopFlag, StopRequested
 from semvae.tasks.checks import exported_by, resume_checkpoint
 from semvae.tracking import Tracker
-from semvae.training import FitResult, Trainer, standard_callbacks
+from semvae.training import FitResult, Trainer, stacking, standard_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def tracked_training(
                     stop=stop,
                     **options,
                 )
-                return trainer.fit(resume)
+                return stacking.fit(trainer, resume)  # alone, or with the other members of a stack
 
             summary = run(tracker, fit)
     except StopRequested as stopped:

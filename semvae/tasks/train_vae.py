@@ -49,7 +49,11 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
         sem.reduced_precision,
     )
 
-    step_fn = TrainingStep(objective, direction_gen)  # a stack of runs fuses these (semvae/training/stacking.py)
+    # the reparameterisation noise: a generator of the run's own, continuing torch's global stream as seeded and
+    # left by the set-up above (so that a stack of runs draws each member's noise as it would alone)
+    noise_gen = torch.Generator()
+    noise_gen.set_state(torch.get_rng_state())
+    step_fn = TrainingStep(objective, direction_gen, noise_gen)
 
     # validation sees the same noise and directions every epoch, so its numbers are comparable across epochs
     val_seed = cfg.seed + 2
@@ -83,7 +87,8 @@ def train_vae(cfg: Config, run_dir: str | Path, group: str | None = None) -> dic
     }
 
     def run(tracker: Tracker, fit) -> dict[str, Any]:
-        result = fit(vae, train, val, step_fn, eval_fn, image_fn=image_fn, generators={"directions": direction_gen})
+        generators = {"directions": direction_gen, "noise": noise_gen}
+        result = fit(vae, train, val, step_fn, eval_fn, image_fn=image_fn, generators=generators)
         if cfg.task.evaluate:
             try:
                 extra.update(evaluate_trained(cfg, vae, device, run_dir, tracker))

@@ -4,8 +4,12 @@
 losses read back to the host only at log points), then validation. What happens around the loop (checkpoints,
 metrics, images, the progress bar) is a ``Callback`` in ``semvae/training/callbacks.py``; the loop only decides
 when. A resumed run continues with the same model, optimiser, schedule, position in the epoch and random-generator
-states, so on a CPU it matches an uninterrupted run bit for bit. A Trainer that is a member of a stack of runs
-(``semvae/training/stacking.py``) hands its step's loss and gradient to the stack and does everything else itself.
+states, so on a CPU it matches an uninterrupted run bit for bit.
+
+The loop is a generator, ``fit_steps``: it yields the batch of each optimiser step and is sent back the step's loss
+terms. ``fit`` performs each step with the Trainer's own model and Adam; whoever drives ``fit_steps`` otherwise
+(several runs trained as one, ``semvae/training/stacking.py``) performs the steps its own way, and everything else
+(resume, logging, validation, checkpoints, stop signals) happens here, as in a lone run.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,12 @@ from semvae.config import TrainerConfig
 from semvae.data import Split, batch_indices
 from semvae.runtime import autocast, rng_state, set_rng_state
 from semvae.stopping import StopFlag, StopRequested
-from semvae.training import stacking
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]  # (model, x, y) -> {"loss": ..., term: ...}
+# yields each optimiser step's batch indices, is sent the step's loss terms, returns the FitResult
+FitSteps = Generator[Tensor, dict[str, Tensor], "FitResult"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,9 +164,6 @@ class Trainer:
 
     @property
     def stopping(self) -> bool:
-        member = stacking.current()
-        if member is not None:  # in a stack: as read at the start of the stack's round, the same for every member
-            return member.stopping
         return self.stop is not None and self.stop.signum is not None
 
     @property
@@ -169,6 +171,23 @@ class Trainer:
         return self.seconds_before + time.perf_counter() - self.started
 
     def fit(self, resume: str | Path | None = None) -> FitResult:
+        """Train to the end (continuing ``resume`` when given), each step with this Trainer's model and Adam."""
+        steps = self.fit_steps(resume)
+        try:
+            index = next(steps)
+            while True:
+                try:
+                    terms = self.optimizer_step(index)
+                except BaseException as error:  # noqa: BLE001 - raised inside the loop, so that its callbacks end
+                    index = steps.throw(error)
+                else:
+                    index = steps.send(terms)
+        except StopIteration as done:
+            return done.value
+
+    def fit_steps(self, resume: str | Path | None = None) -> FitSteps:
+        """The training as a generator: yields the batch indices of every optimiser step and expects the step's
+        loss terms (on the device) sent back once the step is done; returns the FitResult."""
         s = self.settings
         if resume is not None:
             self.load_state(resume)
@@ -176,11 +195,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         try:
-            self.loop()
+            yield from self.loop()
         finally:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
-        result = FitResult(
+        return FitResult(
             epochs=s.epochs,
             steps=self.step,
             seconds=self.seconds,
@@ -190,12 +209,8 @@ class Trainer:
             history=self.history,
             last_checkpoint=self.last_checkpoint,
         )
-        member = stacking.current()
-        if member is not None:
-            member.end_of_training()
-        return result
 
-    def loop(self) -> None:
+    def loop(self) -> Generator[Tensor, dict[str, Tensor], None]:
         s = self.settings
         self.model.train()
         for epoch in range(self.epoch + 1, s.epochs + 1):
@@ -215,7 +230,7 @@ class Trainer:
                 if i < self.position:
                     continue
                 # one optimiser step; the loss terms stay on the device
-                values = self.optimizer_step(index)
+                values = self.count_step((yield index))
                 running = values if running is None else running + values
                 since_log += 1
                 self.position = i + 1
@@ -274,19 +289,19 @@ class Trainer:
         seconds = (time.perf_counter() - self.started) / done * left
         return f"eta {duration(seconds)}, at {time.strftime('%H:%M', time.localtime(time.time() + seconds))}"
 
-    def optimizer_step(self, index: Tensor) -> Tensor:
-        """One step on the batch ``index``; returns its loss terms stacked (on the device, no host read)."""
+    def optimizer_step(self, index: Tensor) -> dict[str, Tensor]:
+        """One Adam step (and the schedule's) on the batch ``index``; returns its loss terms (on the device)."""
         self.optimizer.zero_grad(set_to_none=True)
-        member = stacking.current()
-        if member is None:
-            with autocast(self.train.images.device, self.precision):
-                terms = self.step_fn(self.model, self.train.images[index], self.train.labels[index])
-            terms["loss"].backward()
-        else:  # one of several runs trained together: the stack's fused step sets this model's gradients
-            terms = member.step(self, index)
+        with autocast(self.train.images.device, self.precision):
+            terms = self.step_fn(self.model, self.train.images[index], self.train.labels[index])
+        terms["loss"].backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        return terms
+
+    def count_step(self, terms: dict[str, Tensor]) -> Tensor:
+        """Count a done step; returns its loss terms stacked (on the device, no host read)."""
         self.step += 1
         self.epoch_steps += 1
         if not self.keys:

@@ -22,7 +22,7 @@ OURS = ("analysis.", "benchmarks.", "semvae.")
 # commands the docs show failing on purpose, with the start of the message they print
 FAILING = {
     "python run.py trainer.epoch=3": "error: unknown config key 'trainer.epoch'",
-    "python run.py loss.beta=-1": "error: loss.beta=-1.0: must be >= 0",
+    "python run.py loss.beta=-1": "error: loss.beta=-1.0: must be finite and >= 0",
 }
 
 

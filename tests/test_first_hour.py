@@ -80,7 +80,7 @@ def test_the_plan_lists_jobs_groups_and_a_cost_without_running(tmp_path):
     on_cpu_alone, _ = plan(["loss.beta=1,5", "trainer=smoke", "hydra/launcher=stacked"])
     assert {j.group for j in on_cpu_alone} == {"alone"}  # the launcher does not stack CPU jobs by default
     (bad, good), _ = plan(["loss.beta=-1,1", "trainer=smoke"])
-    assert bad.error == "loss.beta=-1.0: must be >= 0" and not good.error
+    assert bad.error == "loss.beta=-1.0: must be finite and >= 0" and not good.error
 
 
 def test_the_help_examples_compose():

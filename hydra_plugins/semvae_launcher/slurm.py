@@ -33,11 +33,11 @@ from semvae.errors import InputError
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class SubmissionRefused(InputError):
     """sbatch refused the sweep's jobs (a partition, a GPU or a time the cluster does not have); nothing is left."""
 
 
+@dataclass
 class SemvaeSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.semvae_launcher.slurm.SlurmLauncher"
 

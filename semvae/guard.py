@@ -48,6 +48,8 @@ def task_config(config: DictConfig) -> DictConfig:
 def admit(cfg: DictConfig, run_dir: str | Path) -> Config:
     """Validate ``cfg``, check everything its task needs with ``run_dir`` as the run folder, and lock the folder
     (creating it). Returns the typed config; raises an InputError, with nothing written, otherwise."""
+    if Path(run_dir).is_symlink() and not Path(run_dir).exists():
+        raise rundir.RunDirError(f"{run_dir} is a link to nothing; name an existing folder or a new path")
     run_dir = Path(run_dir).resolve()
     if run_dir in _admitted:
         return _admitted[run_dir]
@@ -87,6 +89,21 @@ def check_single_run(config: DictConfig) -> None:
         )
 
 
+SWEEP_FILES = (rundir.LOCK_FILE, "multirun.yaml", "failures.json", "optimization_results.yaml")
+
+
+def check_job_dir(job_dir: Path) -> None:
+    """RunDirError for a job folder of an existing sweep that a job of it cannot use: a planted link, or files
+    that no run wrote (a job's folder holds ``.hydra/`` from the first time Hydra started it)."""
+    rundir.check_links(job_dir)
+    entries = [p.name for p in job_dir.iterdir() if p.name != rundir.LOCK_FILE]
+    if entries and not (job_dir / ".hydra" / "config.yaml").is_file():
+        raise rundir.RunDirError(
+            f"{job_dir} holds files that no run wrote ({', '.join(sorted(entries)[:3])}); choose another sweep "
+            "folder (hydra.sweep.dir)"
+        )
+
+
 class RunGuard(Callback):
     """Hydra callback (registered in conf/config.yaml): admits a single run before its folder exists, and holds a
     sweep's folder for the sweep's life."""
@@ -97,17 +114,27 @@ class RunGuard(Callback):
             admit(task_config(config), str(config.hydra.run.dir))
         except InputError as error:
             raise Abort(error) from None
+        except OSError as error:  # a path the file system refuses (a name too long, a file as a parent folder)
+            raise Abort(rundir.RunDirError(f"hydra.run.dir: {error.strerror or error}: {error.filename}")) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             if sweep_dir.exists():
-                rundir.check_links(sweep_dir)
-                for job_dir in (p for p in sweep_dir.iterdir() if p.is_dir() and not p.is_symlink()):
-                    rundir.check_links(job_dir)  # Hydra writes .hydra/ and run.log there before a job is checked
+                rundir.check_links(sweep_dir)  # a job folder that is a link is refused here (.submitit/ is submitit's)
+                for job_dir in (p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                    check_job_dir(job_dir)  # Hydra writes .hydra/ and run.log there before a job is checked
+                files = [p.name for p in sweep_dir.iterdir() if not p.is_dir() and p.name not in SWEEP_FILES]
+                if files:
+                    raise rundir.RunDirError(
+                        f"{sweep_dir} holds files that no sweep wrote ({', '.join(sorted(files)[:3])}); choose "
+                        "another sweep folder (hydra.sweep.dir)"
+                    )
             rundir.hold(sweep_dir)
         except InputError as error:
             raise Abort(error) from None
+        except OSError as error:
+            raise Abort(rundir.RunDirError(f"hydra.sweep.dir: {error.strerror or error}: {error.filename}")) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rundir.release(str(config.hydra.sweep.dir))

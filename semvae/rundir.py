@@ -126,17 +126,27 @@ WRITTEN = (
 
 
 def check_links(run_dir: str | Path) -> None:
-    """RunDirError if ``run_dir`` holds a symbolic link where the run or Hydra writes a file (or anywhere in
-    ``.hydra/``): the run would write through it into a file outside its folder."""
+    """RunDirError if ``run_dir`` holds a symbolic link among its entries, in ``.hydra/`` or in ``models/`` (a run
+    makes none there, and writing through one would write outside the folder), or holds a file Hydra or the run
+    writes as something else (``.hydra`` a file, ``run.log`` a folder)."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / name for name in WRITTEN]
-    if (run_dir / ".hydra").is_dir() and not (run_dir / ".hydra").is_symlink():
-        candidates += list((run_dir / ".hydra").iterdir())
+    candidates = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    for sub in (".hydra", "models"):
+        if (run_dir / sub).is_dir() and not (run_dir / sub).is_symlink():
+            candidates += list((run_dir / sub).iterdir())
     for path in candidates:
         if path.is_symlink():
             raise RunDirError(
                 f"{path} is a symbolic link; a run writes its own files in its folder and does not follow links: "
                 "remove it or choose another run folder (hydra.run.dir)"
+            )
+    for name in WRITTEN:
+        path = run_dir / name
+        wrong = path.exists() and (not path.is_dir() if name == ".hydra" else not path.is_file())
+        if wrong:
+            raise RunDirError(
+                f"{path} is not the {'folder' if name == '.hydra' else 'file'} a run writes there; remove it or "
+                "choose another run folder (hydra.run.dir)"
             )
 
 

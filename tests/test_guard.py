@@ -168,3 +168,53 @@ def test_the_guard_is_registered_and_library_code_never_exits():
     ]
     assert exiting == []
     assert issubclass(ConfigError, ValueError)  # callers catching ValueError keep working
+
+
+@pytest.mark.parametrize("planted", ["images_prior_samples.png", "models/VAE.json"])
+def test_a_link_under_any_name_in_the_runs_own_folder_is_refused(tmp_path, planted):
+    target = tmp_path / "precious"
+    target.write_text("precious")
+    run_dir = tmp_path / "run"
+    (run_dir / "models").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(as_plain(compose_config(*SMOKE))))  # this run's own folder
+    (run_dir / planted).symlink_to(target)
+    refused = preflight(*SMOKE, f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 2 and "is a symbolic link" in refused.stderr and target.read_text() == "precious"
+
+
+def test_a_run_folder_with_hydras_names_taken_by_other_kinds_or_a_dangling_link_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(as_plain(compose_config(*SMOKE))))
+    (run_dir / ".hydra").write_text("x")
+    refused = preflight(*SMOKE, f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 2 and ".hydra is not the folder a run writes there" in refused.stderr
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    refused = preflight(*SMOKE, f"hydra.run.dir={dangling}")
+    assert refused.returncode == 2 and "is a link to nothing" in refused.stderr and not (tmp_path / "nowhere").exists()
+    too_long = tmp_path / ("a" * 300)
+    refused = preflight(*SMOKE, f"hydra.run.dir={too_long}")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "File name too long" in refused.stderr
+
+
+def test_an_existing_sweep_folder_with_a_linked_or_foreign_job_folder_is_refused_before_any_job(tmp_path):
+    from omegaconf import OmegaConf
+
+    from semvae.errors import Abort
+    from semvae.guard import RunGuard
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    cases = {"link": lambda job: job.symlink_to(victim), "file": lambda job: job.write_text("x")}
+    cases["foreign"] = lambda job: (job.mkdir(), (job / "notes.txt").write_text("mine"))
+    for kind, plant in cases.items():
+        sweep_dir = tmp_path / kind
+        sweep_dir.mkdir()
+        plant(sweep_dir / "0")
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+        with pytest.raises(Abort) as refused:
+            RunGuard().on_multirun_start(config=config)
+        assert isinstance(refused.value.error, rundir.RunDirError), kind
+        assert not (sweep_dir / rundir.LOCK_FILE).exists()
+    assert list(victim.iterdir()) == []

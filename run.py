@@ -191,9 +191,10 @@ def check_override_keys(args: list[str]) -> None:
 
 def check_sweep_flags(args: list[str]) -> None:
     """``-m`` with ``--cfg``: Hydra 1.3 ends that in a ValueError traceback; say instead where a sweep's plan is."""
-    if not any(a in ("-m", "--multirun") for a in args) or not any(a in ("--cfg", "-c") for a in args):
+    asks_cfg = [a for a in args if a in ("--cfg", "-c") or a.startswith("--cfg=") or a in ("-cjob", "-chydra", "-call")]
+    if not any(a in ("-m", "--multirun") for a in args) or not asks_cfg:
         return
-    skip = {i + 1 for i, a in enumerate(args) if a in ("--cfg", "-c")}
+    skip = {i + 1 for i, a in enumerate(args) if a in ("--cfg", "-c")}  # the value of ``--cfg job``
     overrides = [a for i, a in enumerate(args) if i not in skip and not a.startswith("-")]
     refuse(
         "--cfg shows one job's config, not a sweep's; the sweep's jobs, their grouping and cost: "

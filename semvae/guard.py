@@ -89,6 +89,17 @@ def check_single_run(config: DictConfig) -> None:
         )
 
 
+def check_hydra_names(config: DictConfig) -> None:
+    """ConfigError where Hydra's own names would put its files outside the run folder (``hydra.output_subdir`` and
+    ``hydra.job.name`` name a folder and a log file inside it)."""
+    from semvae.config import NAME
+
+    for key in ("hydra.output_subdir", "hydra.job.name"):
+        value = OmegaConf.select(config, key)
+        if value is not None and NAME.fullmatch(str(value).lstrip(".")) is None:
+            raise ConfigError(f"{key}={value!r}: must be a name inside the run folder, not a path")
+
+
 SWEEP_FILES = (rundir.LOCK_FILE, "multirun.yaml", "failures.json", "optimization_results.yaml")
 
 
@@ -111,6 +122,7 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_single_run(config)
+            check_hydra_names(config)
             admit(task_config(config), str(config.hydra.run.dir))
         except InputError as error:
             raise Abort(error) from None

@@ -218,3 +218,19 @@ def test_an_existing_sweep_folder_with_a_linked_or_foreign_job_folder_is_refused
         assert isinstance(refused.value.error, rundir.RunDirError), kind
         assert not (sweep_dir / rundir.LOCK_FILE).exists()
     assert list(victim.iterdir()) == []
+
+
+@pytest.mark.parametrize("override", ["hydra.output_subdir=../escape", "hydra.job.name=../jobescape"])
+def test_hydras_own_names_cannot_put_files_outside_the_run_folder(tmp_path, override):
+    refused = preflight(*SMOKE, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert refused.returncode == 2 and "must be a name inside the run folder" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spelling", [["--cfg=job"], ["-cjob"], ["--cfg", "job"]])
+def test_every_spelling_of_cfg_with_m_points_at_the_plan(spelling):
+    import run
+
+    with pytest.raises(SystemExit) as exited:
+        run.check_sweep_flags(["-m", *spelling, "seed=0,1"])
+    assert exited.value.code == 2

@@ -15,8 +15,8 @@ import torch
 
 from hydra_plugins.semvae_launcher.slurm import submitted_signal
 from semvae import checkpoints
-from tests.conftest import DATA_DIR, ROOT, read_summary, run_in_process, torch_settings
-from tests.test_faults import LONG
+from tests.conftest import DATA_DIR, ROOT, read_summary
+from tests.test_faults import LONG, uninterrupted  # noqa: F401 - the fixture, shared with test_faults
 from tests.test_sweeps import TINY, TINY_EVAL, _jobs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -84,17 +84,10 @@ def _checkpointed(job_dir, after_step=-1, timeout=240):
     raise AssertionError(f"no checkpoint past step {after_step} in {job_dir}")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight")
-    with torch_settings():
-        ended = run_in_process(*LONG, run_dir=run_dir)
-    assert ended.returncode == 0, ended.stderr
-    return checkpoints.load(run_dir / "model.pth")["model"]
-
-
-def _same_weights(job_dir, weights):
+def _same_weights(job_dir, uninterrupted_dir):
+    """The job's final weights equal those of test_faults' uninterrupted LONG run."""
     model = checkpoints.load(job_dir / "model.pth")["model"]
+    weights = checkpoints.load(uninterrupted_dir / "model.pth")["model"]
     return all(torch.equal(model[k], weights[k]) for k in weights)
 
 
@@ -132,7 +125,7 @@ def test_a_sweep_trains_evaluates_and_the_report_reads_it(slurm_env, tmp_path, w
     assert "- finished runs: 2" in text and "test/mse" in text
 
 
-def test_preemption_and_requeue_resume_at_the_same_step(slurm_env, tmp_path, uninterrupted):
+def test_preemption_and_requeue_resume_at_the_same_step(slurm_env, tmp_path, uninterrupted):  # noqa: F811
     """Job 0 gets the signal the launcher asked SLURM for (scancel --signal=), job 1 `scontrol requeue`: each
     checkpoints, is requeued, continues at the step it stopped at and ends with an uninterrupted run's weights."""
     sweep = tmp_path / "sweep"
@@ -163,7 +156,7 @@ def test_preemption_and_requeue_resume_at_the_same_step(slurm_env, tmp_path, uni
         assert _same_weights(sweep / str(n), uninterrupted)
 
 
-def test_time_outs_and_a_cancelled_job_end_in_failures_json_and_the_rerun_finishes(slurm_env, tmp_path, uninterrupted):
+def test_time_outs_and_a_cancelled_job_end_in_failures_json_and_the_rerun_finishes(slurm_env, tmp_path, uninterrupted):  # noqa: F811
     """timeout_min <= 10 makes every notice a time-out: with max_num_timeout=0 the first ends job 0 (submitit's
     UncompletedJobError), and job 1 is cancelled. The launcher returns, lists both in failures.json with the rerun
     command and no traceback; that command finishes both, job 0 with an uninterrupted run's weights."""

@@ -138,14 +138,9 @@ def stored_settings(run_dir: Path) -> dict[str, Any] | None:
             stored = OmegaConf.to_container(OmegaConf.load(hydra_yaml), resolve=False)
             if isinstance(stored, dict):
                 return stored
-    except (OSError, ValueError, RecursionError) as error:
+    except Exception as error:  # noqa: BLE001 - OSError, JSON's and OmegaConf's parse errors, RecursionError
         raise rundir.RunDirError(
             f"{run_dir} holds a damaged run record ({type(error).__name__}); choose another run folder (hydra.run.dir)"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - OmegaConf's parse errors have no common base with the others
-        raise rundir.RunDirError(
-            f"{run_dir} holds a damaged .hydra/config.yaml ({type(error).__name__}); choose another run folder "
-            "(hydra.run.dir)"
         ) from None
     return None
 
